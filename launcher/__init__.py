@@ -1,0 +1,3 @@
+"""launcher: Hydra configs -> DeepSpeed JSON -> `deepspeed` runner, locally or on SLURM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""`python -m launcher [overrides]`: compose -> validate -> render -> write run dir -> launch.
+
+Everything before the launch is checked on this host, without torch or deepspeed, so a bad override costs
+a second, not a queue wait. User errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher import rundir
+from launcher.command import deepspeed_args, launch_script, rank_environment
+from launcher.compose import compose
+from launcher.ds_config import build_ds_config
+from launcher.errors import ConfigError
+from launcher.topology import Topology, batch_shape, detect_local_gpus, resolve_topology
+from launcher.validate import check_node_has_gpus, validate
+
+EXIT_USER_ERROR = 2
+HF_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+
+
+@dataclass
+class PreparedRun:
+    cfg: DictConfig
+    topo: Topology
+    run_dir: Path
+    files: Dict[str, str]
+    command: List[str]
+    notes: List[str]
+
+
+def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None) -> PreparedRun:
+    """Compose and validate the config and render every artifact, writing nothing."""
+    cfg, run_dir_text = compose(overrides)
+    _absolutize_paths(cfg)
+    if cfg.model.path is not None and os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        _adopt_hf_architecture(cfg)
+    local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
+    topo = resolve_topology(cfg, local_gpus)
+    notes = validate(cfg, topo)
+    if not cfg.dry_run:
+        check_node_has_gpus(cfg, topo, local_gpus)
+    run_dir = Path(run_dir_text).resolve()
+    rundir.check_resumable(run_dir, cfg)
+
+    ds = build_ds_config(cfg, topo)
+    port = cfg.cluster.master_port or _free_port()
+    env = rank_environment(cfg, topo, os.cpu_count() or 1)
+    deepspeed_bin = _deepspeed_executable()
+    args = deepspeed_args(cfg, topo, str(run_dir), port)
+    command = [deepspeed_bin, *args]
+    files = {
+        "config.yaml": rundir.config_yaml(cfg),
+        "ds_config.json": rundir.to_json(ds),
+        "launch.sh": launch_script(env, deepspeed_bin, args, str(run_dir)),
+        "run.json": rundir.to_json(rundir.run_info(sys.argv, command)),
+    }
+    return PreparedRun(cfg, topo, run_dir, files, command, notes)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from launcher.reference import override_reference
+
+        print(override_reference())
+        return 0
+    try:
+        run = prepare(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for note in run.notes:
+        print(note, file=sys.stderr)
+    rundir.write_files(run.run_dir, run.files, executable=("launch.sh",))
+    shape = batch_shape(run.cfg, run.topo)
+    print(
+        f"run dir: {run.run_dir}\n"
+        f"world: {run.topo.nodes} node(s) x {run.topo.ranks_per_node} {run.topo.accelerator} ranks; "
+        f"batch {shape.micro_batch_size} micro x {shape.gradient_accumulation_steps} accum x "
+        f"{shape.world_size} ranks = {shape.global_batch_size} sequences/step"
+    )
+    if run.cfg.dry_run:
+        print("dry run, nothing started. command (also in launch.sh):")
+        print(" ".join(run.command))
+        return 0
+    return _launch_local(run)
+
+
+def _launch_local(run: PreparedRun) -> int:
+    import subprocess
+
+    print(f"launching: bash {run.run_dir / 'launch.sh'}", flush=True)
+    proc = subprocess.Popen(["bash", str(run.run_dir / "launch.sh")])
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # The runner forwards the interrupt to its ranks, which checkpoint and exit; wait for them.
+        code = proc.wait()
+    again = " ".join(["python -m launcher", *[rundir.redact(a) for a in sys.argv[1:]]])
+    if code == 0:
+        print(f"done. run dir: {run.run_dir}\n  resume/extend: {again} train.max_steps=<more>")
+        print(f"  export:        python -m launcher.export run_dir={run.run_dir}")
+    else:
+        print(f"launch failed with exit code {code}; logs above, artifacts in {run.run_dir}", file=sys.stderr)
+        print(f"  resume from the last checkpoint: {again}", file=sys.stderr)
+    return code
+
+
+def _absolutize_paths(cfg: DictConfig) -> None:
+    # launch.sh runs the ranks inside the run dir, so relative paths must be made absolute here.
+    for node, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "cache_dir"), (cfg.cluster, "hostfile")):
+        if node[key] is not None:
+            node[key] = os.path.abspath(os.path.expanduser(str(node[key])))
+
+
+def _adopt_hf_architecture(cfg: DictConfig) -> None:
+    """With model.path, the architecture comes from its config.json (so planning and checks see it)."""
+    import json
+
+    path = os.path.join(cfg.model.path, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.path", f"cannot read {path}: {exc}") from None
+    for key in HF_ARCH_KEYS:
+        if key in hf and hf[key] is not None:
+            cfg.model[key] = hf[key]
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        cfg.model.rope_theta = float(theta)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _deepspeed_executable() -> str:
+    beside = Path(sys.executable).parent / "deepspeed"
+    if beside.is_file():
+        return str(beside)
+    import shutil
+
+    return shutil.which("deepspeed") or "deepspeed"
+
+
+def config_to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
