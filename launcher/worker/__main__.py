@@ -1,0 +1,54 @@
+"""Entry point of each rank: `python -m launcher.worker --run-dir DIR` (started by the deepspeed runner)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="launcher.worker")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args()
+    run_dir = Path(args.run_dir)
+
+    from launcher.worker import signals
+
+    signals.install()
+    import deepspeed
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from launcher.worker.train import Context, StopRun, train, write_status
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ds_path = run_dir / "ds_config.json"
+    ds = json.loads(ds_path.read_text())
+    # A hung rendezvous or collective fails loudly after this long instead of hanging forever.
+    deepspeed.init_distributed(timeout=timedelta(minutes=int(os.environ.get("LAUNCHER_DIST_TIMEOUT_MIN", "30"))))
+    ctx = Context(run_dir, cfg, ds_path, ds, dist.get_rank(), dist.get_world_size())
+    try:
+        code = train(ctx)
+    except StopRun as stop:
+        if ctx.rank == 0:
+            print(f"error: {stop}", file=sys.stderr, flush=True)
+            write_status(run_dir, stop.state, -1, str(stop))
+        code = stop.code
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        # Peers may be blocked in a collective; the deepspeed launcher kills them when this rank exits.
+        os._exit(1)
+    # Without a barrier + destroy, rank exit aborts (SIGABRT) in about a third of runs.
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

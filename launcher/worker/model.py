@@ -1,0 +1,109 @@
+"""The model each rank trains: loaded from model.path or built from the config.
+
+Under ZeRO-3 the model is constructed partitioned (deepspeed.zero.Init, or HfDeepSpeedConfig before
+from_pretrained), so no rank ever holds a full copy. Weights built from the config are initialised per
+parameter from (seed, parameter name), so every ZeRO stage, with or without zero.Init, and the plain
+PyTorch reference start from bitwise-identical weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+INIT_STD = 0.02
+
+
+def llama_config(model_cfg: Any) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_hidden_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_key_value_heads,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        rope_theta=model_cfg.rope_theta,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        initializer_range=INIT_STD,
+        attn_implementation=model_cfg.attn_implementation,
+        use_cache=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+
+
+def init_parameter(name: str, param: torch.Tensor, seed: int) -> None:
+    """HF Llama's init (normal(0, 0.02) for matrices, ones for norms), seeded by (seed, name)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    with torch.no_grad():
+        if param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, INIT_STD, generator=gen)
+            param.copy_(values.to(param.dtype))
+
+
+def init_weights(model: torch.nn.Module, seed: int, zero3: bool, rank: int) -> None:
+    if not zero3:
+        for name, param in model.named_parameters():
+            init_parameter(name, param, seed)
+        return
+    import deepspeed
+
+    # One module at a time: gather its partitions, rank 0 writes, DeepSpeed re-partitions on exit.
+    for module_name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if rank == 0:
+                for pname, param in params:
+                    init_parameter(f"{module_name}.{pname}" if module_name else pname, param, seed)
+
+
+def build_model(
+    cfg: Any, ds_config: Dict[str, Any], rank: int
+) -> Tuple[PreTrainedModel, Optional[object]]:
+    """Returns (model, keep_alive). keep_alive must outlive training when it is an HfDeepSpeedConfig."""
+    zero3 = cfg.zero.stage == 3
+    if cfg.model.path is not None:
+        keep_alive = None
+        if zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Must exist before from_pretrained: it makes HF load straight into ZeRO-3 partitions.
+            keep_alive = HfDeepSpeedConfig(ds_config)
+        model = LlamaForCausalLM.from_pretrained(
+            cfg.model.path, local_files_only=True, torch_dtype=torch.float32,
+            attn_implementation=cfg.model.attn_implementation,
+        )
+        model.config.use_cache = False
+        return model, keep_alive
+    config = llama_config(cfg.model)
+    if zero3:
+        import deepspeed
+
+        # Parameters are created already partitioned, in the training dtype the config implies.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = LlamaForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(config)
+    init_weights(model, cfg.seed, zero3, rank)
+    return model, None
+
+
+def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
+    """(total, embedding) parameter counts, ZeRO-3 partitioned or not."""
+    total = emb = 0
+    for name, p in model.named_parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        if "embed_tokens" in name:
+            emb += n
+    return total, emb

@@ -1,0 +1,252 @@
+"""The training loop each rank runs: build, resume, train, log, checkpoint, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.worker import act_ckpt, ckpt, metrics, signals
+from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
+from launcher.worker.model import build_model, count_parameters
+from launcher.worker.tokenizer import load_tokenizer
+
+EXIT_USER_ERROR = 2
+EXIT_LOSS_SCALE_COLLAPSE = 3
+
+
+class StopRun(Exception):
+    """A clear, expected stop: message for the user, exit code, status state."""
+
+    def __init__(self, message: str, code: int, state: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
+        self.state = state
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    cfg: Any
+    ds_path: Path
+    ds: Dict[str, Any]
+    rank: int
+    world: int
+
+
+def write_status(run_dir: Path, state: str, step: int, message: str = "") -> None:
+    tmp = run_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, "step": step, "message": message}) + "\n")
+    os.replace(tmp, run_dir / "status.json")
+
+
+def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:
+    """Rank 0 tokenizes and packs (cached); every rank learns of an error before any training step."""
+    cache_dir = ctx.cfg.data.cache_dir or str(ctx.run_dir / "cache")
+    result: list = [None, None]
+    if ctx.rank == 0:
+        try:
+            result = [None, build_packed(ctx.cfg, tokenizer, cache_dir)]
+        except DataError as exc:
+            result = [str(exc), None]
+    dist.broadcast_object_list(result, src=0)
+    if result[0] is not None:
+        raise StopRun(result[0], EXIT_USER_ERROR)
+    rows = np.load(result[1], mmap_mode="r")
+    if len(rows) < ctx.ds["train_batch_size"]:
+        raise StopRun(
+            f"data.path: only {len(rows)} sequences of {ctx.cfg.train.seq_len} tokens, fewer than one global "
+            f"batch ({ctx.ds['train_batch_size']}); add data or lower train.global_batch_size/seq_len",
+            EXIT_USER_ERROR,
+        )
+    return rows
+
+
+def current_loss_scale(engine: Any) -> Optional[float]:
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None)
+    if scale is None:
+        scale = getattr(opt, "loss_scale", None)
+    return None if scale is None else float(scale)
+
+
+def train(ctx: Context) -> int:
+    import deepspeed
+
+    cfg, rank, world = ctx.cfg, ctx.rank, ctx.world
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    rows = prepare_data(ctx, tokenizer)
+    if rank == 0 and not (ctx.run_dir / "tokenizer").is_dir():
+        tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
+
+    model, keep_alive = build_model(cfg, ctx.ds, rank)
+    recomputed = act_ckpt.enable(model, cfg, str(ctx.ds_path)) if cfg.activation_checkpointing.enabled else 0
+    model.train()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=str(ctx.ds_path))
+    n_params, n_emb = count_parameters(engine.module)
+
+    ckpt_dir = ctx.run_dir / "checkpoints"
+    client = ckpt.load(engine, ckpt_dir)
+    start = int(client["step"]) if client else 0
+    max_steps = int(cfg.train.max_steps)
+    log = metrics.MetricsLog(ctx.run_dir, start) if rank == 0 else None
+    micro, accum, glob = (
+        ctx.ds["train_micro_batch_size_per_gpu"],
+        ctx.ds["gradient_accumulation_steps"],
+        ctx.ds["train_batch_size"],
+    )
+    seq = int(cfg.train.seq_len)
+    order = SampleOrder(len(rows), cfg.seed)
+    flops_tok = metrics.flops_per_token(n_params, n_emb, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq)
+    peak = cfg.hardware.peak_tflops if engine.device.type == "cuda" else None
+    if rank == 0:
+        what = f"resuming at step {start}" if client else "starting"
+        ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
+        print(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x {world} "
+              f"= {glob} sequences x {seq} tokens per step{ac}", flush=True)
+    if start >= max_steps:
+        if rank == 0:
+            print(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do", flush=True)
+        return finish(ctx, engine, start, saved=True, keep_alive=keep_alive)
+
+    bar = _progress(rank, start, max_steps)
+    fp16 = cfg.precision.name == "fp16"
+    steps_at_min_scale = 0
+    saved_step = start
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    stop_signal = torch.zeros(1, dtype=torch.int32)
+    for step in range(start + 1, max_steps + 1):
+        losses = []
+        for batch in micro_batches(rows, order, step - 1, glob, micro, accum, rank, world):
+            ids = torch.from_numpy(batch.astype(np.int64)).to(engine.device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        window_steps += 1
+        scale = current_loss_scale(engine) if fp16 else None
+        if fp16 and scale is not None and scale <= cfg.precision.min_loss_scale:
+            steps_at_min_scale += 1
+        else:
+            steps_at_min_scale = 0
+
+        if step % cfg.train.log_every == 0 or step == max_steps:
+            loss_avg = torch.stack(losses).float().mean().reshape(1).cpu()
+            dist.all_reduce(loss_avg)
+            mem = torch.tensor([metrics.peak_memory_bytes()], dtype=torch.float64)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            if not fp16 and not math.isfinite(float(loss_avg.item())):
+                raise StopRun(f"loss is {loss_avg.item()} at step {step}; lower train.lr or set train.grad_clip", 4)
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * glob * seq / elapsed
+            record = {
+                "step": step,
+                "loss": float(loss_avg.item()) / world,
+                "lr": float(engine.get_lr()[0]),
+                "tokens_per_sec": round(tps, 1),
+                "step_time_s": round(elapsed / window_steps, 4),
+                "mfu": metrics.mfu(tps, flops_tok, world, peak),
+                "mem_peak_gb": round(float(mem.item()) / 1e9, 4),
+            }
+            if fp16:
+                record["loss_scale"] = scale
+                record["skipped_steps"] = int(engine.skipped_steps)
+            if log is not None:
+                log.write(record)
+                _report(bar, record)
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
+                                             if k != "step" and isinstance(v, (int, float))])
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if fp16 and steps_at_min_scale >= cfg.precision.max_steps_at_min_scale:
+            raise StopRun(
+                f"fp16 loss scale has sat at min_loss_scale={cfg.precision.min_loss_scale} for "
+                f"{steps_at_min_scale} steps ({int(engine.skipped_steps)} steps skipped for overflow): the model "
+                "has stopped learning. Use precision=bf16 (A100/H100), or lower precision.initial_scale_power "
+                "or train.lr; resume from the last checkpoint with a new run name",
+                EXIT_LOSS_SCALE_COLLAPSE,
+            )
+
+        stop_signal.fill_(1 if signals.received() else 0)
+        dist.all_reduce(stop_signal, op=dist.ReduceOp.MAX)
+        if step % cfg.train.save_every == 0 or step == max_steps or stop_signal.item():
+            ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last)
+            saved_step = step
+        if stop_signal.item():
+            if rank == 0:
+                print(f"\n[launcher] {signals.received() or 'signal'} received: checkpointed at step {step}, "
+                      "exiting; rerun the same command to resume", flush=True)
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+            if rank == 0:
+                write_status(ctx.run_dir, "preempted", step)
+            _teardown(engine, keep_alive)
+            return 0
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+    return finish(ctx, engine, step, saved=saved_step == step, keep_alive=keep_alive)
+
+
+def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -> int:
+    if ctx.rank == 0:
+        png = metrics.plot_loss(ctx.run_dir)
+        write_status(ctx.run_dir, "completed", step)
+        print(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
+              + (f", loss curve: {png}" if png else ""), flush=True)
+    if ctx.cfg.train.export_at_end:
+        from launcher.worker.export_hook import export_at_end
+
+        export_at_end(ctx, engine)
+    _teardown(engine, keep_alive)
+    return 0
+
+
+def _teardown(engine: Any, keep_alive: Any) -> None:
+    if ctx_is_zero3(engine):
+        engine.destroy()
+    del keep_alive
+
+
+def ctx_is_zero3(engine: Any) -> bool:
+    return int(engine.zero_optimization_stage()) == 3
+
+
+def _progress(rank: int, start: int, total: int) -> Any:
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _report(bar: Any, r: Dict[str, Any]) -> None:
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"{r['tokens_per_sec']:.0f} tok/s",
+             f"mem {r['mem_peak_gb']:.2f} GB"]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {r['mfu']:.1%}")
+    if "loss_scale" in r:
+        parts.append(f"scale {r['loss_scale']:g} skipped {r['skipped_steps']}")
+    line = " | ".join(parts)
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
