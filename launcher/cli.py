@@ -47,7 +47,7 @@ class PreparedRun:
     notes: List[str]
 
 
-def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None) -> PreparedRun:
+def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True) -> PreparedRun:
     """Compose and validate the config and render every artifact, writing nothing."""
     cfg, run_dir_text = compose(overrides)
     _absolutize_paths(cfg)
@@ -59,7 +59,8 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None) -> Prepa
     if not cfg.dry_run:
         check_node_has_gpus(cfg, topo, local_gpus)
     run_dir = Path(run_dir_text).resolve()
-    rundir.check_resumable(run_dir, cfg)
+    if check_resume:
+        rundir.check_resumable(run_dir, cfg)
 
     ds = build_ds_config(cfg, topo)
     port = cfg.cluster.master_port or _free_port()
@@ -108,6 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _launch_local(run: PreparedRun) -> int:
     import subprocess
 
+    from launcher.jit_locks import check_jit_locks
+
+    for note in check_jit_locks():
+        print(note, file=sys.stderr)
     print(f"launching: bash {run.run_dir / 'launch.sh'}", flush=True)
     proc = subprocess.Popen(["bash", str(run.run_dir / "launch.sh")])
     try:
@@ -115,7 +120,8 @@ def _launch_local(run: PreparedRun) -> int:
     except KeyboardInterrupt:
         # The runner forwards the interrupt to its ranks, which checkpoint and exit; wait for them.
         code = proc.wait()
-    again = " ".join(["python -m launcher", *[rundir.redact(a) for a in sys.argv[1:]]])
+    kept = [rundir.redact(a) for a in sys.argv[1:] if not a.startswith("train.max_steps=")]
+    again = " ".join(["python -m launcher", *kept])
     if code == 0:
         print(f"done. run dir: {run.run_dir}\n  resume/extend: {again} train.max_steps=<more>")
         print(f"  export:        python -m launcher.export run_dir={run.run_dir}")

@@ -98,6 +98,9 @@ def _explain_omegaconf_error(exc: BaseException) -> Tuple[str, str]:
     if value and typ:
         kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(typ.group(1), typ.group(1))
         return key, f"'{value.group(1)}' is not {kind}; set {key}=<{kind}>"
+    bad_bool = re.search(r"Value '([^']*)' is not a valid bool", msg)
+    if bad_bool:
+        return key, f"'{bad_bool.group(1)}' is not true or false; set {key}=true or {key}=false"
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         return key, "unknown key; run `python -m launcher --help` for the valid keys"
     return key, msg

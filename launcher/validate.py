@@ -106,7 +106,8 @@ def _check_batch(cfg: DictConfig, topo: Topology) -> None:
     if glob % per_step != 0:
         lower = max(per_step, glob // per_step * per_step)
         raise ConfigError(
-                    f"{glob} != micro_batch_size x accumulation x world_size: {micro} x accum x {world} "
+            "train.global_batch_size",
+            f"{glob} != micro_batch_size x accumulation x world_size: {micro} x accum x {world} "
             f"({topo.nodes} node(s) x {topo.ranks_per_node} ranks) needs a multiple of {per_step}; "
             f"set train.global_batch_size={lower} or {lower + per_step}",
         )
