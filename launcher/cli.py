@@ -21,7 +21,7 @@ from launcher.compose import compose
 from launcher.ds_config import build_ds_config
 from launcher.errors import ConfigError
 from launcher.topology import Topology, batch_shape, detect_local_gpus, resolve_topology
-from launcher.validate import check_node_has_gpus, validate
+from launcher.validate import check_cpu_precision, check_node_has_gpus, validate
 
 EXIT_USER_ERROR = 2
 HF_ARCH_KEYS = (
@@ -53,11 +53,18 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
     _absolutize_paths(cfg)
     if cfg.model.path is not None and os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         _adopt_hf_architecture(cfg)
+    if cfg.cluster.name == "hostfile":
+        from launcher.hostfile import adopt_hostfile
+
+        adopt_hostfile(cfg)  # cluster.nodes = the hostfile's hosts
+    if local_gpus is None and cfg.cluster.name == "slurm":
+        local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
     local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
     topo = resolve_topology(cfg, local_gpus)
     notes = validate(cfg, topo)
     if not cfg.dry_run:
         check_node_has_gpus(cfg, topo, local_gpus)
+        check_cpu_precision(cfg, topo, _cpu_flags())
     run_dir = Path(run_dir_text).resolve()
     if check_resume:
         rundir.check_resumable(run_dir, cfg)
@@ -74,6 +81,14 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         "launch.sh": launch_script(env, deepspeed_bin, args, str(run_dir)),
         "run.json": rundir.to_json(rundir.run_info(sys.argv, command)),
     }
+    if cfg.cluster.name == "slurm":
+        from launcher.slurm_job import slurm_files
+
+        command, files = slurm_files(cfg, topo, run_dir, files, deepspeed_bin)
+    elif cfg.cluster.name == "hostfile":
+        from launcher.hostfile import hostfile_files
+
+        command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
     return PreparedRun(cfg, topo, run_dir, files, command, notes)
 
 
@@ -99,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"batch {shape.micro_batch_size} micro x {shape.gradient_accumulation_steps} accum x "
         f"{shape.world_size} ranks = {shape.global_batch_size} sequences/step"
     )
+    if run.cfg.cluster.name == "slurm":
+        from launcher.slurm_job import submit
+
+        return submit(run)
     if run.cfg.dry_run:
         print("dry run, nothing started. command (also in launch.sh):")
         print(" ".join(run.command))
@@ -107,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_local(run: PreparedRun) -> int:
+    import json
+    import signal
     import subprocess
 
     from launcher.jit_locks import check_jit_locks
@@ -114,14 +135,32 @@ def _launch_local(run: PreparedRun) -> int:
     for note in check_jit_locks():
         print(note, file=sys.stderr)
     print(f"launching: bash {run.run_dir / 'launch.sh'}", flush=True)
-    proc = subprocess.Popen(["bash", str(run.run_dir / "launch.sh")])
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        # The runner forwards the interrupt to its ranks, which checkpoint and exit; wait for them.
-        code = proc.wait()
+    # Own session: a terminal Ctrl-C reaches only this process, which stops the ranks in order below.
+    proc = subprocess.Popen(["bash", str(run.run_dir / "launch.sh")], start_new_session=True)
+
+    def stop_ranks(signum: int, frame: object) -> None:
+        # Signal the ranks themselves: they agree on the next step boundary, checkpoint and exit 0, and the
+        # runner then exits normally. (DeepSpeed's local runner dies on SIGTERM without passing it on.)
+        import psutil
+
+        print(f"\n{signal.Signals(signum).name}: asking the ranks to checkpoint and stop ...", file=sys.stderr)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "launcher.worker" in " ".join(child.cmdline()):
+                    child.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, stop_ranks)
+    code = proc.wait()
+    status_file = run.run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     kept = [rundir.redact(a) for a in sys.argv[1:] if not a.startswith("train.max_steps=")]
     again = " ".join(["python -m launcher", *kept])
+    if status.get("state") == "preempted":
+        print(f"stopped by signal after checkpointing step {status['step']}. resume: {again}")
+        return 0
     if code == 0:
         print(f"done. run dir: {run.run_dir}\n  resume/extend: {again} train.max_steps=<more>")
         print(f"  export:        python -m launcher.export run_dir={run.run_dir}")
@@ -154,6 +193,17 @@ def _adopt_hf_architecture(cfg: DictConfig) -> None:
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:
         cfg.model.rope_theta = float(theta)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _free_port() -> int:

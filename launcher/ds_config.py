@@ -60,11 +60,14 @@ def _optimizer(cfg: DictConfig, topo: Topology) -> Dict[str, Any]:
 def _scheduler(cfg: DictConfig) -> Dict[str, Any]:
     train = cfg.train
     warmup = min(int(train.warmup_steps), int(train.max_steps))
+    # DeepSpeed's schedulers refuse 0 warmup steps; one "warmup" step that starts at the peak is none.
+    start_lr = 0.0 if warmup > 0 else float(train.lr)
+    warmup = max(1, warmup)
     if train.schedule == "constant":
         return {
             "type": "WarmupLR",
             "params": {
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": start_lr,
                 "warmup_max_lr": float(train.lr),
                 "warmup_num_steps": warmup,
                 "warmup_type": "linear",
@@ -74,7 +77,7 @@ def _scheduler(cfg: DictConfig) -> Dict[str, Any]:
         return {
             "type": "WarmupDecayLR",
             "params": {
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": start_lr,
                 "warmup_max_lr": float(train.lr),
                 "warmup_num_steps": warmup,
                 "warmup_type": "linear",
@@ -86,7 +89,7 @@ def _scheduler(cfg: DictConfig) -> Dict[str, Any]:
         "type": "WarmupCosineLR",
         "params": {
             "total_num_steps": int(train.max_steps),
-            "warmup_min_ratio": 0.0,
+            "warmup_min_ratio": start_lr / float(train.lr),
             "warmup_num_steps": warmup,
             "cos_min_ratio": float(train.min_lr) / float(train.lr),
             "warmup_type": "linear",

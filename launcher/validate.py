@@ -67,6 +67,18 @@ def check_node_has_gpus(cfg: DictConfig, topo: Topology, local_gpus: int) -> Non
         )
 
 
+def check_cpu_precision(cfg: DictConfig, topo: Topology, cpu_flags: set) -> None:
+    """CPU ranks compute fp16 only with native fp16 units (DeepSpeed's CPU accelerator refuses it otherwise)."""
+    if topo.accelerator != "cpu" or cfg.precision.name != "fp16":
+        return
+    if not cpu_flags & {"avx512_fp16", "amx_fp16"}:
+        raise ConfigError(
+            "precision",
+            "precision=fp16 on CPU ranks needs a CPU with AVX512-FP16 or AMX-FP16, which this one lacks; "
+            "use precision=bf16 or precision=fp32 here (fp16 runs on GPUs)",
+        )
+
+
 def _check_scalars(cfg: DictConfig) -> None:
     for key in POSITIVE_INTS:
         value = _get(cfg, key)

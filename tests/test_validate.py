@@ -128,3 +128,16 @@ def test_resume_refuses_changed_settings(tmp_path):
     # ... the learning rate may not
     with pytest.raises(ConfigError, match=r"holds a run with different settings \(train\.lr: 0\.001 -> 0\.002\)"):
         prepare(["train.lr=2e-3", f"hydra.run.dir={tmp_path / 'run'}"], local_gpus=0)
+
+
+def test_fp16_on_cpu_ranks_needs_native_fp16(tmp_path):
+    from launcher.topology import resolve_topology
+    from launcher.validate import check_cpu_precision
+
+    run = prepare(["precision=fp16", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
+    topo = resolve_topology(run.cfg, 0)
+    with pytest.raises(ConfigError, match=r"^precision: precision=fp16 on CPU ranks needs a CPU with AVX512-FP16"):
+        check_cpu_precision(run.cfg, topo, {"avx512f", "avx512_bf16"})
+    check_cpu_precision(run.cfg, topo, {"avx512f", "amx_fp16"})
+    gpu = prepare(["precision=fp16", "hardware=8xh100", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
+    check_cpu_precision(gpu.cfg, gpu.topo, set())

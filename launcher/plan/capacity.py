@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -19,12 +18,12 @@ from launcher.topology import Topology
 
 @dataclass(frozen=True)
 class Capacity:
-    device_per_rank: Optional[int]  # usable bytes per rank (GPU memory, or a share of host RAM)
-    host_per_node: Optional[int]  # usable host bytes per node (offloaded state); None: unknown
+    device_per_rank: int | None  # usable bytes per rank (GPU memory, or a share of host RAM)
+    host_per_node: int | None  # usable host bytes per node (offloaded state); None: unknown
     source: str  # how device_per_rank was derived, for messages
 
 
-def read_meminfo_total(path: str = "/proc/meminfo") -> Optional[int]:
+def read_meminfo_total(path: str = "/proc/meminfo") -> int | None:
     """This node's MemTotal in bytes, or None where /proc/meminfo is missing."""
     try:
         with open(path) as f:
@@ -36,14 +35,14 @@ def read_meminfo_total(path: str = "/proc/meminfo") -> Optional[int]:
     return None
 
 
-def query_gpu_memory() -> Optional[int]:
+def query_gpu_memory() -> int | None:
     """Smallest total memory of this node's GPUs (nvidia-smi), or None without GPUs."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True, text=True, timeout=10, check=False,
         ).stdout
         sizes = [int(float(x)) * 1024**2 for x in out.split() if x.strip()]
     except (OSError, subprocess.SubprocessError, ValueError):
@@ -51,8 +50,8 @@ def query_gpu_memory() -> Optional[int]:
     return min(sizes) if sizes else None
 
 
-def capacity(cfg: DictConfig, topo: Topology, host_mem_bytes: Optional[int] = None,
-             gpu_mem_bytes: Optional[int] = None) -> Capacity:
+def capacity(cfg: DictConfig, topo: Topology, host_mem_bytes: int | None = None,
+             gpu_mem_bytes: int | None = None) -> Capacity:
     """Usable memory per rank and host memory per node.
 
     host_mem_bytes: a node's RAM (default: hardware.host_ram_gib, else this node's /proc/meminfo when the

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
@@ -42,9 +41,13 @@ HOST_OS_RESERVE_GIB = 1.0
 FRAGMENTATION = 0.05
 # Cross-entropy on the logits (HF ForCausalLMLoss): logits.float() (fp32 copy) -> log_softmax (fp32,
 # saved) -> nll_loss. At the start of backward nll_loss's gradient and log_softmax's gradient (both fp32,
-# tokens x vocab) exist next to the saved log-softmax: 3 fp32 copies, plus the model-dtype logits the
-# model output still holds.
+# tokens x vocab) exist next to the saved log-softmax: 3 fp32 copies. (Forward peaks lower: the logits,
+# their fp32 copy and the log-softmax, 10 B/element in bf16, 8 in fp32.)
 LOGITS_FP32_COPIES = 3
+# Whether the model output (and its logits, in the model dtype) stays alive through backward. The worker
+# keeps only the loss (`loss = engine(input_ids=ids, labels=ids).loss`), so the logits are freed after
+# forward; code that keeps `outputs` pays tokens x vocab x dtype bytes more.
+LOGITS_HELD = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Setup:
         return "none" if self.ac_every == 0 else "full" if self.ac_every == 1 else f"every_{self.ac_every}"
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "Setup":
+    def from_cfg(cls, cfg: DictConfig) -> Setup:
         ac = cfg.activation_checkpointing
         return cls(
             zero_stage=int(cfg.zero.stage),
@@ -99,7 +102,7 @@ class MemoryBreakdown:
     buffers: int
     overhead: int
     host_offload_per_rank: int  # host memory the offloaded state needs, per rank
-    terms: Dict[str, int] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)
 
     @property
     def model_states(self) -> int:
@@ -110,53 +113,64 @@ class MemoryBreakdown:
         return self.model_states + self.activations + self.buffers + self.overhead
 
 
+def rms_norm_bytes(tokens: int, hidden: int, ab: int) -> int:
+    """HF LlamaRMSNorm saves: the fp32 input (pow/mul; 4 B), the fp32 1/rms per token (4 B), the
+    normalized tensor in the model dtype (for the weight's gradient) and its output weight x normalized
+    (a separate tensor, saved by the projections that read it): tokens x (hidden x (4 + 2 ab) + 4)."""
+    return tokens * (hidden * (4 + 2 * ab) + 4)
+
+
 def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int) -> int:
     """Bytes one LlamaDecoderLayer saves for backward (HF, SDPA with native GQA, no dropout).
 
-    Per token: 2 RMSNorms x (fp32 copy of the input, saved by pow/mul: 4 B + normalized output in the
-    model dtype, saved by the weight multiply and shared by the projections that read it: ab) h;
-    attention: q after RoPE (h), k and v at GQA width (2 kv), SDPA's output (h) and its contiguous
-    transposed copy that o_proj saves (h), plus SDPA's fp32 logsumexp per head (RoPE saves only cos/sin);
+    Per token: 2 RMSNorms (rms_norm_bytes); attention: q after RoPE (h), k and v at GQA width (2 kv),
+    SDPA's output (h; the kernels write it token-major, so HF's transpose(1, 2).contiguous() is free and
+    o_proj saves the same storage), plus SDPA's fp32 logsumexp per head (RoPE saves only cos/sin, shared
+    by all layers);
     SwiGLU MLP: gate output (SiLU input), SiLU output, up output, their product (down_proj input): 4 I.
     No s x s score matrix: SDPA's flash/efficient kernels recompute it in backward.
     """
     t = micro * seq
     h, kv, inter = shape.hidden, shape.kv_width, shape.intermediate
-    norms = 2 * t * h * (4 + ab)
-    attention = t * ab * (h + 2 * kv + h + h) + micro * shape.heads * seq * 4
+    norms = 2 * rms_norm_bytes(t, h, ab)
+    attention = t * ab * (h + 2 * kv + h) + micro * shape.heads * seq * 4
     mlp = 4 * t * ab * inter
     return norms + attention + mlp
 
 
-def activation_terms(shape: ModelShape, setup: Setup, micro: int, seq: int, ab: int) -> Dict[str, int]:
+def activation_terms(shape: ModelShape, setup: Setup, micro: int, seq: int, ab: int) -> dict[str, int]:
     """Activations at the peak (start of backward, or the recompute of the last checkpointed layer)."""
     t = micro * seq
     layer = layer_activation_bytes(shape, micro, seq, ab)
     n_ckpt = checkpointed_layers(shape.layers, setup.ac_every)
     layer_input = t * shape.hidden * ab  # what a checkpoint keeps: the layer's input hidden states
     kept_inputs = 0 if setup.cpu_checkpointing else n_ckpt * layer_input
-    held_logits = t * shape.vocab * ab  # the model output keeps its logits through backward
-    loss_peak = held_logits + LOGITS_FP32_COPIES * t * shape.vocab * 4
-    # Backward of one layer: its gradients in flight, dominated by the MLP's (2 tensors of t x I).
-    layer_backward = 2 * t * shape.intermediate * ab
+    held_logits = t * shape.vocab * ab if LOGITS_HELD else 0
+    forward_loss = t * shape.vocab * (ab + (4 if ab != 4 else 0) + 4)  # logits, fp32 copy, log-softmax
+    loss_peak = held_logits + max(forward_loss, LOGITS_FP32_COPIES * t * shape.vocab * 4)
+    # Backward of one layer: its gradients in flight, dominated by the MLP's (tokens x I), measured.
+    layer_backward = t * shape.intermediate * ab
     recompute = layer if n_ckpt else 0
     return {
         "activations.layers_saved": (shape.layers - n_ckpt) * layer,
         "activations.checkpoint_inputs": kept_inputs,
-        "activations.final_norm": t * shape.hidden * (4 + ab),
+        "activations.final_norm": rms_norm_bytes(t, shape.hidden, ab),
         # The loss peak and the recompute of the last checkpointed layer do not overlap in time.
         "activations.logits_or_recompute": max(loss_peak, held_logits + recompute + layer_backward),
     }
 
 
-def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup,
-                    micro_batch_size: Optional[int] = None) -> MemoryBreakdown:
-    """Peak bytes per rank for `setup` with cfg's model, precision, batch shape and bucket sizes."""
+def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup, micro_batch_size: int | None = None,
+                    accum: int = 1) -> MemoryBreakdown:
+    """Peak bytes per rank for `setup` with cfg's model, precision, batch shape and bucket sizes.
+
+    accum: gradient accumulation steps (ZeRO-1 keeps full gradients across micro-steps when > 1).
+    """
     shape = ModelShape.from_cfg(cfg.model)
     counts = count_params(shape)
     micro = int(cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size)
     prec = precision_bytes(str(cfg.precision.name))
-    terms = model_state_terms(cfg, topo, setup, counts, prec)
+    terms = model_state_terms(cfg, topo, setup, counts, prec, accum)
     terms.update(activation_terms(shape, setup, micro, int(cfg.train.seq_len), prec.activation))
     if setup.cpu_checkpointing:
         n_ckpt = checkpointed_layers(shape.layers, setup.ac_every)
@@ -164,34 +178,48 @@ def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup,
     return _assemble(terms, topo)
 
 
-def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: ParamCounts,
-                      prec: Precision) -> Dict[str, int]:
+def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: ParamCounts, prec: Precision,
+                      accum: int = 1) -> dict[str, int]:
+    """Model states ("params."/"grads."/"optimizer."), backward-time buffers ("buffers."), what exists
+    during the optimizer step besides the model states ("step."), and offloaded state ("host.")."""
+    if setup.zero_stage not in (1, 2, 3):
+        raise ValueError(f"ZeRO stage {setup.zero_stage} is not planned (1, 2 or 3); resolve zero=auto first")
     zero = cfg.zero
     p_all, n = counts.total, topo.world_size
     part = math.ceil(p_all / n)  # this rank's partition (DeepSpeed's alignment padding is negligible)
     pb, gb = prec.param, prec.grad
     offload = setup.offload == "cpu"
     on_cpu = topo.accelerator == "cpu"
-    # torch.empty buckets: a GPU's caching allocator reserves them whole; on CPU only touched pages count.
-    bucket = min(int(zero.reduce_bucket_size), p_all) if on_cpu else int(zero.reduce_bucket_size)
+    contiguous = bool(zero.contiguous_gradients) or offload  # DeepSpeed forces it with offload
     # The fp32 gradient partition for the step: a cast copy, except in fp32 where .to() is a no-op.
     fp32_cast = 0 if gb == 4 else 4
-    t: Dict[str, int] = {}
+    # Without offload on CPU ranks the launcher picks torch's AdamW (torch_adam): its single-tensor path
+    # allocates sqrt(v) and sqrt(v)/bias_correction (2 fp32 partitions). GPU FusedAdam and
+    # DeepSpeedCPUAdam update in place.
+    adam_temps = 2 * 4 if on_cpu and not offload else 0
+    t: dict[str, int] = {}
     if setup.zero_stage in (1, 2):
         t["params.model"] = pb * p_all  # bit16_groups_flat: every rank holds all weights
-        if setup.zero_stage == 1:
-            # Stage 1 never frees param.grad in backward (only stage 2 does); with gradient accumulation
-            # the full gradients persist across micro-steps.
+        # ipg reduce buckets (torch.empty, reduce_bucket_size elements): 2 with overlap_comm (double
+        # buffering), 1 without. A GPU's caching allocator reserves them whole; on CPU only the pages the
+        # gradients are copied into count, at most the model's size.
+        buckets = 2 if zero.overlap_comm else 1
+        n_bucket = int(zero.reduce_bucket_size)
+        bucket_elems = min(p_all, buckets * n_bucket) if on_cpu else buckets * n_bucket
+        t["buffers.reduce_buckets"] = gb * bucket_elems if contiguous else 0
+        if setup.zero_stage == 1 and (accum > 1 or not contiguous):
+            # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across
+            # the other micro-steps. (On the boundary, with contiguous_gradients, each grad is moved into
+            # the bucket and aliases it, as in ZeRO-2.)
             t["grads.full"] = gb * p_all
         if not offload:
             t["grads.partition"] = gb * part  # contiguous grads_in_partition
-            # ipg reduce buckets: 2 with overlap_comm (double-buffered), 1 without.
-            t["buffers.reduce_bucket"] = bucket * gb * (2 if zero.overlap_comm else 1) \
-                if zero.contiguous_gradients else 0
-            t["step.flat_grad_copy"] = gb * part  # flatten(averaged_gradients) in step()
-            t["step.fp32_grad"] = fp32_cast * part  # ... .to(fp32) as the master partition's .grad
+            # End of backward: averaged_gradients, a fresh flat copy of the partition, is built before the
+            # buckets and grads_in_partition are released; in step() it replaces grads_in_partition.
+            t["buffers.flat_grad_partition"] = gb * part
+            t["step.fp32_grad"] = fp32_cast * part  # .to(fp32) as the master partition's .grad
+            t["step.adam_temporaries"] = adam_temps * part
         else:
-            t["buffers.reduce_bucket"] = bucket * gb * (2 if zero.overlap_comm else 1)
             t["buffers.offload_grad_staging"] = gb * counts.largest_tensor  # temp_grad_buffer_for_gpu_offload
             t["host.param_staging"] = pb * part  # param_buffer_of_bit16_for_cpu_offload_groups
             t["host.grad_staging"] = gb * counts.largest_tensor  # temp_grad_buffer_for_cpu_offload
@@ -207,11 +235,16 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         gathered = min(p_all, max(counts.largest_tensor, min(int(zero.stage3_max_live_parameters), window)))
         t["buffers.stage3_gathered_params"] = pb * gathered
         t["buffers.stage3_module_grad"] = gb * counts.largest_tensor  # full-size grad before reduce-scatter
-        t["buffers.reduce_bucket"] = gb * bucket if (zero.contiguous_gradients or offload) else 0
+        # One ipg bucket per dtype, allocated once and kept (so it is there during the step too).
+        bucket = gb * (min(int(zero.reduce_bucket_size), p_all) if on_cpu else int(zero.reduce_bucket_size))
+        t["buffers.reduce_bucket"] = bucket if contiguous else 0
+        t["step.reduce_bucket"] = t["buffers.reduce_bucket"]
         if not offload:
+            # Per sub-group: flatten(averaged_gradients) copy, then its fp32 cast as the master's .grad.
             sub = min(part, SUB_GROUP_SIZE)
             t["step.flat_grad_copy"] = gb * sub
             t["step.fp32_grad"] = fp32_cast * sub
+            t["step.adam_temporaries"] = adam_temps * sub
     if offload:
         t["host.fp32_master"] = MASTER_BYTES * part
         t["host.adam_moments"] = ADAM_BYTES * part
@@ -235,13 +268,14 @@ HOST_COLUMN = {
 }
 
 
-def _assemble(terms: Dict[str, int], topo: Topology) -> MemoryBreakdown:
+def _assemble(terms: dict[str, int], topo: Topology) -> MemoryBreakdown:
     def group(name: str) -> int:
         return sum(v for k, v in terms.items() if k.startswith(name + "."))
 
     host = group("host")
     params, grads, optimizer, activations = group("params"), group("grads"), group("optimizer"), group("activations")
-    # Buffers at the peak: backward-time buffers, or the step's temporaries beyond the freed activations.
+    # Buffers at the peak: backward-time buffers, or what the optimizer step adds to the model states
+    # beyond the activations, which are freed by then. ("step." repeats buffers that persist into it.)
     buffers = max(group("buffers"), group("step") - activations)
     if topo.accelerator == "cpu":
         # CPU ranks: the offloaded state is in the same (host) memory as everything else.

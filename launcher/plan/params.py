@@ -37,7 +37,7 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     @classmethod
-    def from_cfg(cls, model: DictConfig) -> "ModelShape":
+    def from_cfg(cls, model: DictConfig) -> ModelShape:
         return cls(
             vocab=int(model.vocab_size),
             hidden=int(model.hidden_size),

@@ -2,7 +2,7 @@
 
 step_time = compute + exposed ZeRO communication + CPU-offload optimizer step, per optimizer step:
 - compute: model FLOPs (launcher.plan.params.flops_per_token) x recompute factor, at ACHIEVABLE_FRACTION
-  of the profile's dense peak (hardware.peak_tflops);
+  of the profile's dense peak (hardware.peak_tflops; x FP32_PEAK_RATIO for precision=fp32);
 - communication: the bytes each rank moves in ZeRO's collectives (ring algorithms move (N-1)/N of the
   buffer per rank) over the slowest link a rank uses, derated by the efficiencies below; overlap_comm
   hides OVERLAP of it behind compute;
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -25,6 +24,9 @@ from launcher.topology import Topology
 # Fraction of dense peak that the matmul-bound compute reaches (torchtitan reports 57% MFU for
 # Llama-3-8B on A100s; DeepSpeed ZeRO-3 7B runs report ~40% all-in).
 ACHIEVABLE_FRACTION = 0.55
+# precision=fp32: matmuls run at the GPU's FP32 rate, not the bf16 tensor-core peak the profile gives
+# (A100 19.5 vs 312, H100 SXM 67 vs 989 TFLOP/s: ~1/16; PyTorch leaves TF32 off for matmuls by default).
+FP32_PEAK_RATIO = 1 / 16
 # hardware.intra_node_gbps is NVLink's bidirectional figure (A100 600 GB/s); NCCL's achieved bus
 # bandwidth is about 230-250 GB/s on DGX A100, i.e. ~0.4 of it.
 INTRA_NODE_EFFICIENCY = 0.4
@@ -43,21 +45,23 @@ PCIE_GBPS = 20.0
 
 @dataclass(frozen=True)
 class StepEstimate:
-    step_time_s: Optional[float]
-    tokens_per_s: Optional[float]
-    mfu: Optional[float]
-    compute_s: Optional[float]
-    comm_s: Optional[float]  # exposed (not overlapped) communication
-    offload_s: Optional[float]
+    step_time_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    compute_s: float | None
+    comm_s: float | None  # exposed (not overlapped) communication
+    offload_s: float | None
     tokens_per_step: int
 
 
-NO_ESTIMATE = dict(step_time_s=None, tokens_per_s=None, mfu=None, compute_s=None, comm_s=None, offload_s=None)
+NO_ESTIMATE = {"step_time_s": None, "tokens_per_s": None, "mfu": None, "compute_s": None, "comm_s": None,
+               "offload_s": None}
 
 
-def rank_bandwidth_gbps(cfg: DictConfig, topo: Topology) -> Optional[float]:
-    """Achieved GB/s per rank in a ring across the world: NVLink inside a node, the node's NIC shared by
-    its ranks between nodes (the slower one bounds the ring)."""
+def rank_bandwidth_gbps(cfg: DictConfig, topo: Topology) -> float | None:
+    """Achieved GB/s per rank of a ring collective: NVLink inside a node; across nodes NCCL runs one ring
+    per NIC, and a node boundary carries one rank's worth of ring traffic in all, so the node's network
+    bandwidth (not a per-GPU share of it) bounds the ring. The slower of the two wins."""
     hw = cfg.hardware
     if hw.intra_node_gbps is None:
         return None
@@ -66,7 +70,7 @@ def rank_bandwidth_gbps(cfg: DictConfig, topo: Topology) -> Optional[float]:
         return intra
     if hw.inter_node_gbps is None:
         return None
-    return min(intra, float(hw.inter_node_gbps) * INTER_NODE_EFFICIENCY / topo.ranks_per_node)
+    return min(intra, float(hw.inter_node_gbps) * INTER_NODE_EFFICIENCY)
 
 
 def comm_bytes_per_rank(stage: int, params: int, param_bytes: int, grad_bytes: int, world: int,
@@ -93,7 +97,7 @@ def comm_bytes_per_rank(stage: int, params: int, param_bytes: int, grad_bytes: i
 
 
 def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
-                  micro_batch_size: Optional[int] = None) -> StepEstimate:
+                  micro_batch_size: int | None = None) -> StepEstimate:
     shape = ModelShape.from_cfg(cfg.model)
     counts = count_params(shape)
     micro = int(cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size)
@@ -106,9 +110,10 @@ def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
     model_flops = flops_per_token(shape, counts, seq)
     # Recomputing a checkpointed layer repeats its forward: +1/3 of its 6-FLOPs-per-parameter cost.
     recomputed = checkpointed_layers(shape.layers, setup.ac_every) / shape.layers
-    compute_s = tokens_per_rank * model_flops * (1 + recomputed / 3) / (float(peak) * 1e12 * ACHIEVABLE_FRACTION)
-
     prec = precision_bytes(str(cfg.precision.name))
+    rate = float(peak) * 1e12 * ACHIEVABLE_FRACTION * (FP32_PEAK_RATIO if prec.param == 4 else 1.0)
+    compute_s = tokens_per_rank * model_flops * (1 + recomputed / 3) / rate
+
     volume = comm_bytes_per_rank(setup.zero_stage, counts.total, prec.param, prec.grad, topo.world_size, accum)
     bandwidth = rank_bandwidth_gbps(cfg, topo)
     if volume and bandwidth is None:

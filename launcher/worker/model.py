@@ -34,7 +34,8 @@ def llama_config(model_cfg: Any) -> LlamaConfig:
         use_cache=False,
         bos_token_id=256,
         eos_token_id=257,
-        pad_token_id=258,
+        # No pad_token_id: it would give the embedding a padding_idx that HF zeroes at construction, which
+        # fails on the empty partitions zero.Init creates (packed sequences never pad anyway).
     )
 
 

@@ -83,17 +83,30 @@ def train(ctx: Context) -> int:
     import deepspeed
 
     cfg, rank, world = ctx.cfg, ctx.rank, ctx.world
+    if rank == 0:
+        write_status(ctx.run_dir, "running", -1)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     rows = prepare_data(ctx, tokenizer)
     if rank == 0 and not (ctx.run_dir / "tokenizer").is_dir():
         tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
 
+    if cfg.precision.name == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise StopRun("precision=fp16: this device has no fp16 support (on CPU: no AVX512-FP16/AMX-FP16); "
+                          "use precision=bf16 or precision=fp32", EXIT_USER_ERROR)
     model, keep_alive = build_model(cfg, ctx.ds, rank)
     recomputed = act_ckpt.enable(model, cfg, str(ctx.ds_path)) if cfg.activation_checkpointing.enabled else 0
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=str(ctx.ds_path))
     n_params, n_emb = count_parameters(engine.module)
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        # DeepSpeed would raise a bare Exception (traceback on every rank) on the first overflow at the
+        # minimum scale; our own check below stops after precision.max_steps_at_min_scale with advice.
+        scaler.raise_error_at_min_scale = False
 
     ckpt_dir = ctx.run_dir / "checkpoints"
     client = ckpt.load(engine, ckpt_dir)

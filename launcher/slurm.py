@@ -1,0 +1,307 @@
+"""SLURM renders: the per-run sbatch script, DeepSpeed hostfiles and the per-node no-ssh runner argv.
+
+Pure: config and paths in, text out; no I/O, no subprocess (submitting lives in launcher.slurm_job).
+Every value that reaches a shell line is quoted with shlex.quote, so an override such as
+`name='$(touch x)'` stays text. `cluster.setup` lines are the one exception: they are shell code by design.
+
+Inside the job, one `srun` task per node runs the deepspeed runner with `--no_ssh --node_rank
+$SLURM_NODEID`. The runner needs a hostfile for `--num_nodes > 1` (without one it forces
+master_addr=127.0.0.1 and refuses), so the script writes one from `scontrol show hostnames`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from typing import List, Mapping, Optional, Sequence, Union
+
+from omegaconf import DictConfig
+
+from launcher.command import worker_args
+from launcher.errors import ConfigError
+from launcher.topology import Topology, batch_shape
+
+# MASTER_PORT = base + job id % span: distinct for jobs that share a node, stable across a requeue
+# (same job id), and below Linux's ephemeral range (32768+).
+PORT_BASE = 20000
+PORT_SPAN = 10000
+# Slurm's --signal takes at most 65535 seconds.
+MAX_SIGNAL_SECONDS = 65535
+# [days-]hours:minutes:seconds and the shorter forms sbatch accepts; UNLIMITED/INFINITE.
+_TIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?|UNLIMITED|INFINITE)$", re.IGNORECASE)
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ShellVar(str):
+    """An argument that is a shell variable, expanded where the line runs: renders as "$NAME"."""
+
+    def render(self) -> str:
+        return f'"${self}"'
+
+
+Arg = Union[str, ShellVar]
+# Set in the batch shell (the same on every node) or by srun per node (SLURM_NODEID).
+HOSTFILE, MASTER_ADDR, MASTER_PORT, NODE_RANK = (
+    ShellVar(v) for v in ("HOSTFILE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NODEID")
+)
+
+
+def shell_join(argv: Sequence[Arg]) -> str:
+    return " ".join(a.render() if isinstance(a, ShellVar) else shlex.quote(a) for a in argv)
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where things are on the cluster's shared filesystem (absolute paths)."""
+
+    run_dir: str
+    # The rendered script itself, named in messages ("resubmit with sbatch ...").
+    script: str
+    deepspeed: str
+    python: str
+    # Prepended to PYTHONPATH so every rank imports this launcher (the checkout's root).
+    pythonpath: str
+    # Prepended to PATH: the environment (venv) that rendered the script runs the job.
+    bin_dir: str
+
+
+def master_port(cfg: DictConfig) -> Arg:
+    return str(cfg.cluster.master_port) if cfg.cluster.master_port else MASTER_PORT
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    """DeepSpeed hostfile: one "host slots=N" line per node, in node-rank order."""
+    if slots < 1:
+        raise ConfigError("hostfile", f"slots must be >= 1, got {slots}")
+    for host in hosts:
+        if not _HOST.match(host):
+            raise ConfigError("hostfile", f"'{host}' is not a host name")
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError("hostfile", f"duplicate host in {', '.join(hosts)}")
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def nossh_runner_args(
+    nodes: int,
+    ranks_per_node: int,
+    run_dir: str,
+    hostfile: Arg = HOSTFILE,
+    master_addr: Arg = MASTER_ADDR,
+    port: Arg = MASTER_PORT,
+    node_rank: Arg = NODE_RANK,
+) -> List[Arg]:
+    """Runner arguments for one node of a no-ssh launch (after the `deepspeed` executable)."""
+    return [
+        "--hostfile", hostfile,
+        "--num_nodes", str(nodes),
+        "--node_rank", node_rank,
+        "--master_addr", master_addr,
+        "--master_port", port,
+        "--no_ssh",
+        "--num_gpus", str(ranks_per_node),
+        *worker_args(run_dir),
+    ]  # fmt: skip
+
+
+def time_seconds(text: str) -> Optional[int]:
+    """Slurm time limit in seconds (None for UNLIMITED); ConfigError for a malformed value."""
+    text = str(text).strip()
+    if not _TIME.match(text):
+        raise ConfigError(
+            "cluster.time", f"'{text}' is not a SLURM time; use HH:MM:SS, D-HH:MM:SS, minutes or UNLIMITED"
+        )
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:  # minutes
+        return parts[0] * 60
+    if len(parts) == 2:  # MM:SS
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def cpus_per_task(topo: Topology) -> Optional[int]:
+    """CPU ranks get one core each; GPU nodes are taken whole (--exclusive): their cores feed the GPUs."""
+    return topo.ranks_per_node if topo.accelerator == "cpu" else None
+
+
+def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
+    """The #SBATCH options, in order; later options (cluster.sbatch_extra) override earlier ones."""
+    c = cfg.cluster
+    limit = time_seconds(c.time)
+    if not 0 < c.signal_seconds <= MAX_SIGNAL_SECONDS:
+        raise ConfigError("cluster.signal_seconds", f"must be in 1..{MAX_SIGNAL_SECONDS}, got {c.signal_seconds}")
+    if limit is not None and c.signal_seconds >= limit:
+        raise ConfigError(
+            "cluster.signal_seconds",
+            f"{c.signal_seconds} s is not below cluster.time={c.time} ({limit} s): the warning would come "
+            f"before training starts; lower it or raise cluster.time",
+        )
+    if c.max_requeues < 0:
+        raise ConfigError("cluster.max_requeues", f"must be >= 0, got {c.max_requeues}")
+    opts = [
+        _opt("name", "--job-name", cfg.name),
+        f"--nodes={topo.nodes}",
+        "--ntasks-per-node=1",  # one deepspeed runner per node; it starts the node's ranks
+    ]
+    if topo.accelerator == "cuda":
+        opts += [f"--gpus-per-node={topo.ranks_per_node}", "--exclusive"]
+    else:
+        opts.append(f"--cpus-per-task={cpus_per_task(topo)}")
+    opts.append(_opt("cluster.time", "--time", c.time))
+    for key in ("partition", "account", "qos"):
+        if c[key]:
+            opts.append(_opt(f"cluster.{key}", f"--{key}", c[key]))
+    # %j is the job id; a literal % in the run dir must be doubled for Slurm's filename patterns.
+    opts += [
+        f"--signal=B:USR1@{c.signal_seconds}",  # B: only the batch shell, which forwards it to the ranks
+        "--requeue",
+        "--open-mode=append",  # a requeued attempt appends to the same log
+        _opt("run dir", "--output", run_dir.replace("%", "%%") + "/slurm-%j.out"),
+    ]
+    for i, line in enumerate(c.sbatch_extra):
+        line = str(line).strip()
+        _check_line(f"cluster.sbatch_extra[{i}]", line)
+        if not line.startswith("-"):
+            raise ConfigError(f"cluster.sbatch_extra[{i}]", f"'{line}' is not an sbatch option (e.g. --exclusive)")
+        opts.append(line)
+    return opts
+
+
+def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths: JobPaths) -> str:
+    """<run_dir>/<name>.sbatch: the allocation, the environment, one runner per node, requeue on warning."""
+    shape = batch_shape(cfg, topo)
+    q = shlex.quote
+    runner = shell_join([paths.deepspeed, *nossh_runner_args(topo.nodes, topo.ranks_per_node, paths.run_dir)])
+    node_cmd = "\n".join(
+        [
+            'trap "" USR1',
+            (
+                'getent hosts "$MASTER_ADDR" >/dev/null || '
+                '{ echo "launcher: error: node $(hostname) cannot resolve the master address $MASTER_ADDR" >&2; exit 1; }'
+            ),
+            f"exec {runner}",
+        ]
+    )
+    port = master_port(cfg)
+    port_line = (
+        f"export MASTER_PORT={q(port)}"
+        if not isinstance(port, ShellVar)
+        else f"export MASTER_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))"
+    )
+    setup = [str(line) for line in cfg.cluster.setup]
+    lines = [
+        "#!/bin/bash",
+        f"# Generated by `python -m launcher cluster=slurm`; submit with: sbatch {q(paths.script)}",
+        (
+            f"# {topo.nodes} node(s) x {topo.ranks_per_node} {topo.accelerator} ranks; batch "
+            f"{shape.micro_batch_size} micro x {shape.gradient_accumulation_steps} accum x {shape.world_size} ranks "
+            f"= {shape.global_batch_size} sequences/step"
+        ),
+        *(f"#SBATCH {opt}" for opt in sbatch_options(cfg, topo, paths.run_dir)),
+        "set -uo pipefail",
+        f"RUN_DIR={q(paths.run_dir)}",
+        f"PYTHON={q(paths.python)}",
+        f"MAX_REQUEUES={int(cfg.cluster.max_requeues)}",
+        'log() { echo "launcher [$(date +%T)] $*"; }',
+        'fail() { echo "launcher [$(date +%T)] error: $*" >&2; exit 1; }',
+        "",
+    ]
+    if setup:
+        lines += ["# Site setup (cluster.setup)", *setup, ""]
+    lines += [
+        "# What every rank needs; srun --export=ALL carries it to each node's runner and its ranks.",
+        f'export PATH={q(paths.bin_dir)}"${{PATH:+:$PATH}}"',
+        f'export PYTHONPATH={q(paths.pythonpath)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+        *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
+        'cd "$RUN_DIR" || fail "cannot enter the run dir $RUN_DIR (it must be on a filesystem every node sees)"',
+        "",
+        "# Rank 0 runs on the first node; the hostfile lists the nodes in SLURM_NODEID order.",
+        'mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        (
+            f'[ "${{#HOSTS[@]}}" -eq {topo.nodes} ] || '
+            f'fail "the allocation has ${{#HOSTS[@]}} node(s), this run needs {topo.nodes} (cluster.nodes)"'
+        ),
+        'export MASTER_ADDR="${HOSTS[0]}"',
+        port_line,
+        'export HOSTFILE="$RUN_DIR/hostfile.$SLURM_JOB_ID"',
+        f'printf \'%s slots={topo.ranks_per_node}\\n\' "${{HOSTS[@]}}" > "$HOSTFILE"',
+        'rm -f "$RUN_DIR/status.json"  # the ranks write it; a leftover must not decide this attempt',
+        (
+            'log "job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)): '
+            f'{topo.nodes} node(s) x {topo.ranks_per_node} ranks, master $MASTER_ADDR:$MASTER_PORT"'
+        ),
+        "",
+        (
+            f"# --signal=B:USR1@{cfg.cluster.signal_seconds} reaches only this shell: pass it to the job step, whose "
+            "ranks checkpoint"
+        ),
+        "# at the next step boundary and exit 0 with status.json state=preempted. SIGTERM (scancel, time limit)",
+        "# reaches the ranks from Slurm directly and never requeues.",
+        "WARNED=0",
+        (
+            'trap \'WARNED=1; log "got USR1 (time limit or preemption ahead): forwarding it to the ranks"; '
+            'kill -USR1 "$SRUN_PID" 2>/dev/null\' USR1'
+        ),
+        "trap 'log \"got TERM: the ranks checkpoint and stop; no requeue\"' TERM",
+        "",
+        "# One task per node: the deepspeed runner without ssh starts that node's ranks. The runner and its",
+        "# launch.py ignore USR1 (it would kill them); each rank installs its own handler.",
+        "SRUN_PID=",
+        (
+            'srun --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --cpus-per-task="${SLURM_CPUS_PER_TASK:-'
+            '$SLURM_CPUS_ON_NODE}" \\'
+        ),
+        f"  bash -c {q(node_cmd)} &",
+        "SRUN_PID=$!",
+        'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done  # a trap interrupts wait',
+        'wait "$SRUN_PID"; RC=$?',
+        "",
+        'read -r STATE STEP < <("$PYTHON" -c \'import json, sys',
+        "try: s = json.load(open(sys.argv[1]))",
+        "except (OSError, ValueError): s = {}",
+        'print(s.get("state", "none"), s.get("step", "?"))\' "$RUN_DIR/status.json")',
+        'if [ "$STATE" = preempted ] && [ "$WARNED" = 1 ]; then',
+        '  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then',
+        (
+            f'    fail "checkpointed at step $STEP after $MAX_REQUEUES requeue(s) (cluster.max_requeues); resume with: '
+            f'sbatch {_dq(paths.script)}"'
+        ),
+        "  fi",
+        '  log "checkpointed at step $STEP; requeueing (restart $((${SLURM_RESTART_COUNT:-0} + 1)) of $MAX_REQUEUES)"',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        f'  fail "scontrol requeue failed; resume with: sbatch {_dq(paths.script)}"',
+        "fi",
+        'if [ "$RC" -ne 0 ]; then',
+        f'  fail "a node exited with $RC (logs above); the last checkpoint resumes with: sbatch {_dq(paths.script)}"',
+        "fi",
+        'if [ "$STATE" = preempted ]; then',
+        f'  log "stopped at step $STEP (checkpointed); resume with: sbatch {_dq(paths.script)}"',
+        "  exit 0",
+        "fi",
+        'log "finished: state=$STATE step=$STEP"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _dq(text: str) -> str:
+    """Text inside a double-quoted shell string: escape what double quotes still expand."""
+    return re.sub(r'([\\"$`])', r"\\\1", text)
+
+
+def _check_line(key: str, value: str) -> None:
+    # sbatch reads #SBATCH lines itself (not the shell): a newline would end the comment and start a shell
+    # line, and sbatch drops backslashes even inside quotes.
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in value) or "\\" in value:
+        raise ConfigError(key, f"{value!r} has a control character or backslash, which #SBATCH lines cannot carry")
+
+
+def _opt(key: str, flag: str, value: object) -> str:
+    text = str(value)
+    _check_line(key, text)
+    return f"{flag}={shlex.quote(text)}"

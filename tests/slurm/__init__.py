@@ -1,0 +1,1 @@
+"""SLURM tests (package, so this conftest does not shadow tests/conftest.py as module `conftest`)."""
