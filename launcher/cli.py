@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher import rundir
 from launcher.command import deepspeed_args, launch_script, rank_environment
@@ -49,22 +49,20 @@ class PreparedRun:
 
 def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True) -> PreparedRun:
     """Compose and validate the config and render every artifact, writing nothing."""
-    cfg, run_dir_text = compose(overrides)
-    _absolutize_paths(cfg)
-    if cfg.model.path is not None and os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        _adopt_hf_architecture(cfg)
-    if cfg.cluster.name == "hostfile":
-        from launcher.hostfile import adopt_hostfile
-
-        adopt_hostfile(cfg)  # cluster.nodes = the hostfile's hosts
-    if local_gpus is None and cfg.cluster.name == "slurm":
-        local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
-    local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
-    topo = resolve_topology(cfg, local_gpus)
+    cfg, run_dir_text, topo, local_gpus = _compose_resolved(overrides, local_gpus)
+    auto_note = None
+    if cfg.zero.auto or cfg.activation_checkpointing.name == "auto":
+        overrides, auto_note = _resolve_auto(cfg, topo, overrides)
+        cfg, run_dir_text, topo, local_gpus = _compose_resolved(overrides, local_gpus)
+        with open_dict(cfg.notes):
+            cfg.notes["auto"] = auto_note
     notes = validate(cfg, topo)
     if not cfg.dry_run:
         check_node_has_gpus(cfg, topo, local_gpus)
         check_cpu_precision(cfg, topo, _cpu_flags())
+    notes += _preflight(cfg, topo)
+    if auto_note:
+        notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
     run_dir = Path(run_dir_text).resolve()
     if check_resume:
         rundir.check_resumable(run_dir, cfg)
@@ -90,6 +88,47 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
 
         command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
     return PreparedRun(cfg, topo, run_dir, files, command, notes)
+
+
+def _compose_resolved(overrides: Sequence[str], local_gpus: Optional[int]):
+    """Compose, make paths absolute, adopt model.path / hostfile facts, and resolve the world shape."""
+    cfg, run_dir_text = compose(overrides)
+    _absolutize_paths(cfg)
+    if cfg.model.path is not None and os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        _adopt_hf_architecture(cfg)
+    if cfg.cluster.name == "hostfile":
+        from launcher.hostfile import adopt_hostfile
+
+        adopt_hostfile(cfg)  # cluster.nodes = the hostfile's hosts
+    if local_gpus is None and cfg.cluster.name == "slurm":
+        local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
+    local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
+    return cfg, run_dir_text, resolve_topology(cfg, local_gpus), local_gpus
+
+
+def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):
+    """zero=auto / activation_checkpointing=auto: the planner's fastest setup predicted to fit, as overrides."""
+    from launcher.plan import choose_auto
+
+    auto_zero = bool(cfg.zero.auto)
+    auto_offload = auto_zero and not any(o.startswith("offload=") for o in overrides)
+    auto_ac = cfg.activation_checkpointing.name == "auto"
+    choice = choose_auto(cfg, topo, auto_zero=auto_zero, auto_offload=auto_offload, auto_ac=auto_ac)
+    decided = (("zero",) if auto_zero else ()) + (("offload",) if auto_offload else ()) + (
+        ("activation_checkpointing",) if auto_ac else ())
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in decided
+            and not (auto_ac and o.startswith("activation_checkpointing.every_n_layers="))]
+    return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
+
+
+def _preflight(cfg: DictConfig, topo: Topology) -> List[str]:
+    """Refuse a config the planner predicts will not fit (force=true launches anyway)."""
+    from launcher.plan import preflight
+
+    result = preflight(cfg, topo)
+    if not result.fits and not cfg.force:
+        raise ConfigError("plan", f"{result.message}; force=true launches anyway")
+    return [f"plan: {result.message}" if not result.message.startswith("plan") else result.message]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class ZeroConfig:
     stage: int = 2
+    # zero=auto: the planner picks the stage (and offload, unless set) predicted fastest that fits.
+    auto: bool = False
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     # Bucket sizes are element counts, DeepSpeed's unit. 5e8 elements is DeepSpeed's default.

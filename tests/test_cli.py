@@ -57,7 +57,7 @@ def test_secrets_are_never_written(run_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["zero=stage4"], "error: zero: no option 'stage4'; choose one of: stage1, stage2, stage3"),
+    (["zero=stage4"], "error: zero: no option 'stage4'; choose one of: auto, stage1, stage2, stage3"),
     (["train.lr=abc"], "error: train.lr: 'abc' is not a number"),
     (["hardware=8xa100"], "error: hardware: hardware=8xa100 needs 8 GPUs per node but this node has 0"),
     (["train.global_batch_size=5"], "error: train.global_batch_size: 5 != micro_batch_size x accumulation"),
@@ -86,7 +86,7 @@ def test_dry_run_imports_neither_torch_nor_deepspeed(run_dir):
 def test_help_lists_groups_and_keys():
     res = run_cli(["--help"])
     assert res.returncode == 0
-    assert "zero=stage1|*stage2|stage3" in res.stdout and "train.global_batch_size" in res.stdout
+    assert "zero=auto|stage1|*stage2|stage3" in res.stdout and "train.global_batch_size" in res.stdout
 
 
 def test_readme_reference_is_current():

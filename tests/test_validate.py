@@ -56,7 +56,7 @@ def test_checkpointing_options_without_checkpointing(tmp_path):
 
 
 def test_unknown_option_lists_choices(tmp_path):
-    refuse(["zero=stage4"], r"^zero: no option 'stage4'; choose one of: stage1, stage2, stage3", tmp_path)
+    refuse(["zero=stage4"], r"^zero: no option 'stage4'; choose one of: auto, stage1, stage2, stage3", tmp_path)
     refuse(["hardware=8xv100"], r"^hardware: no option '8xv100'; choose one of: 8xa100, 8xa100_40g, 8xh100, local",
            tmp_path)
 
@@ -141,3 +141,17 @@ def test_fp16_on_cpu_ranks_needs_native_fp16(tmp_path):
     check_cpu_precision(run.cfg, topo, {"avx512f", "amx_fp16"})
     gpu = prepare(["precision=fp16", "hardware=8xh100", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
     check_cpu_precision(gpu.cfg, gpu.topo, set())
+
+
+def test_preflight_refuses_llama3_8b_on_local_cpu(tmp_path):
+    refuse(["model=llama3_8b", "dry_run=true"], r"^plan: needs [\d.]+ GiB/rank, [\d.]+ GiB usable on local .*force=true",
+           tmp_path)
+    run = prepare(["model=llama3_8b", "dry_run=true", "force=true", f"hydra.run.dir={tmp_path / 'run'}"],
+                  local_gpus=0)
+    assert run.cfg.force
+
+
+def test_preflight_names_cheapest_change_that_fits(tmp_path):
+    refuse(["model=llama3_8b", "hardware=8xa100_40g", "zero=stage1", "precision=bf16", "train.seq_len=2048",
+            "train.micro_batch_size=1", "dry_run=true"], r"^plan: needs .* GiB/GPU, 39\.0 GiB usable on 8xa100_40g.*"
+           r"zero=stage\d.* fits at [\d.]+ GiB", tmp_path)
