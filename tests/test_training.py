@@ -224,3 +224,59 @@ def test_dead_rank_fails_launch_fast_and_checkpoint_survives(tmp_path):
     res = train(run_dir, "zero=stage3", f"train.max_steps={step + 2}", "train.save_every=3", "train.log_every=1",
                 "train.keep_last=1")
     assert f"resuming at step {step}" in res.stdout
+
+
+def _save_local_model(model_dir: Path) -> None:
+    """A local HF model dir (weights + tokenizer) as a user would have after downloading one."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import LlamaForCausalLM
+
+    from launcher.worker.model import llama_config
+    from launcher.worker.tokenizer import byte_tokenizer
+
+    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg.attn_implementation = "sdpa"
+    torch.manual_seed(7)
+    LlamaForCausalLM(llama_config(model_cfg)).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+
+
+def test_local_model_and_data_under_zero3(tmp_path):
+    """model.path + data.path (jsonl): ZeRO-3 loads the pretrained weights partitioned (HfDeepSpeedConfig
+    before from_pretrained); the first step's loss equals the pretrained model's loss on that batch."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.worker.data import SampleOrder
+
+    model_dir, data = tmp_path / "model", tmp_path / "data.jsonl"
+    _save_local_model(model_dir)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    data.write_text("".join(json.dumps({"content": " ".join(words[(i + j) % 5] for j in range(30))}) + "\n"
+                            for i in range(200)))
+    run_dir = tmp_path / "run"
+    res = train(run_dir, f"model.path={model_dir}", f"data.path={data}", "data.text_field=content", "zero=stage3",
+                "train.max_steps=3", *EXACT)
+    assert "starting: 820,352 params" in res.stdout
+    first = metrics(run_dir)[0]["loss"]
+
+    rows = np.load(next((run_dir / "cache").glob("packed-*.npy")))
+    order = SampleOrder(len(rows), 1234)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        losses = []
+        for r in range(2):  # rank r's micro batch: global positions 4r .. 4r+3
+            ids = torch.from_numpy(np.stack([rows[order.row(r * 4 + i)] for i in range(4)]).astype(np.int64))
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    assert abs(first - sum(losses) / 2) < 1e-5, (first, losses)
+
+
+def test_broken_data_file_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    run_dir = tmp_path / "run"
+    res = train(run_dir, f"data.path={bad}", "train.max_steps=3", expect=2)
+    assert "error: data.path: cannot read" in res.stderr and "Traceback" not in res.stderr
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()

@@ -183,3 +183,35 @@ def test_cluster_sh_is_idempotent(slurm_single: Cluster) -> None:
     assert again.returncode == 0, again.stderr
     assert (slurm_single.conf.parents[1] / "run" / "slurmctld.pid").read_text() == pids
     assert slurm_single.run("srun", "-N1", "-n2", "hostname").stdout.count("\n") == 2
+
+
+def test_rank_death_fails_the_job_fast(slurm_netns: Cluster, tmp_path: Path) -> None:
+    """SIGKILL the rank on n2 mid-run: the job fails within seconds with a clear last line (no hang until the
+    30-minute collective timeout): gloo errors on n1, srun --kill-on-bad-exit stops the other node."""
+    job_id = slurm_netns.submit(
+        ["--nodes=2", "--cpus-per-task=1", str(TRAIN_SBATCH), "train.max_steps=500", "train.log_every=1",
+         "hardware.cpu_ranks=1", "name=rank-dies"],
+        tmp_path,
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / "rank-dies"
+    start = time.monotonic()
+    while not ((run_dir / "metrics.jsonl").is_file() and len(_metrics(run_dir)) >= 3):
+        assert time.monotonic() - start < 240, "training did not start"
+        time.sleep(0.2)
+    pids = subprocess.run(["ip", "netns", "pids", "lslnode2"], capture_output=True, text=True).stdout.split()
+    ranks = [p for p in pids if b"launcher.worker" in _cmdline(p) and b"deepspeed" not in _cmdline(p)]
+    assert len(ranks) == 1, f"expected one rank on n2, found {ranks}"
+    os.kill(int(ranks[0]), 9)
+    job = slurm_netns.wait(job_id, tmp_path / f"slurm-{job_id}.out", timeout=120)
+    _report("rank killed on n2 -> job fails", job)
+    log = job.text()
+    assert job.state == "FAILED" and job.exit_code != 0, log
+    assert job.seconds < 60, f"took {job.seconds:.0f} s to fail"
+    assert "error: a node exited with" in log.splitlines()[-1], log[-2000:]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
