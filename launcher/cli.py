@@ -21,7 +21,7 @@ from launcher.compose import compose
 from launcher.ds_config import build_ds_config
 from launcher.errors import ConfigError
 from launcher.topology import Topology, batch_shape, detect_local_gpus, resolve_topology
-from launcher.validate import check_cpu_precision, check_node_has_gpus, validate
+from launcher.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
 
 EXIT_USER_ERROR = 2
 HF_ARCH_KEYS = (
@@ -60,6 +60,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
     if not cfg.dry_run:
         check_node_has_gpus(cfg, topo, local_gpus)
         check_cpu_precision(cfg, topo, _cpu_flags())
+        check_monitor_packages(cfg)
     notes += _preflight(cfg, topo)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")

@@ -79,6 +79,15 @@ def check_cpu_precision(cfg: DictConfig, topo: Topology, cpu_flags: set) -> None
         )
 
 
+def check_monitor_packages(cfg: DictConfig) -> None:
+    """DeepSpeed's monitors import their packages only inside the ranks; fail here instead."""
+    import importlib.util
+
+    for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if cfg.monitor[key] and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"monitor.{key}", f"needs the {package} package: pip install {package}")
+
+
 def _check_scalars(cfg: DictConfig) -> None:
     for key in POSITIVE_INTS:
         value = _get(cfg, key)

@@ -155,3 +155,11 @@ def test_preflight_names_cheapest_change_that_fits(tmp_path):
     refuse(["model=llama3_8b", "hardware=8xa100_40g", "zero=stage1", "precision=bf16", "train.seq_len=2048",
             "train.micro_batch_size=1", "dry_run=true"], r"^plan: needs .* GiB/GPU, 39\.0 GiB usable on 8xa100_40g.*"
            r"zero=stage\d.* fits at [\d.]+ GiB", tmp_path)
+
+
+def test_monitor_needs_its_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    refuse(["monitor.wandb=true"], r"^monitor\.wandb: needs the wandb package: pip install wandb", tmp_path)

@@ -234,13 +234,10 @@ def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -
 
 
 def _teardown(engine: Any, keep_alive: Any) -> None:
-    if ctx_is_zero3(engine):
+    # ZeRO-3 hooks hold references to the partitioned model; release them before process-group teardown.
+    if int(engine.zero_optimization_stage()) == 3:
         engine.destroy()
     del keep_alive
-
-
-def ctx_is_zero3(engine: Any) -> bool:
-    return int(engine.zero_optimization_stage()) == 3
 
 
 def _progress(rank: int, start: int, total: int) -> Any:
