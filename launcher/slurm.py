@@ -180,7 +180,7 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
     runner = shell_join([paths.deepspeed, *nossh_runner_args(topo.nodes, topo.ranks_per_node, paths.run_dir)])
     node_cmd = "\n".join(
         [
-            'trap "" USR1',
+            'trap "" USR1 TERM',
             (
                 'getent hosts "$MASTER_ADDR" >/dev/null || '
                 '{ echo "launcher: error: node $(hostname) cannot resolve the master address $MASTER_ADDR" >&2; exit 1; }'
@@ -250,8 +250,9 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         ),
         "trap 'log \"got TERM: the ranks checkpoint and stop; no requeue\"' TERM",
         "",
-        "# One task per node: the deepspeed runner without ssh starts that node's ranks. The runner and its",
-        "# launch.py ignore USR1 (it would kill them); each rank installs its own handler.",
+        "# One task per node: the deepspeed runner without ssh starts that node's ranks. The runner ignores USR1",
+        "# and TERM: if it died, slurmstepd would SIGKILL the step while the ranks save. launch.py ignores USR1",
+        "# and passes TERM on; each rank installs its own handler for both.",
         "SRUN_PID=",
         (
             'srun --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --cpus-per-task="${SLURM_CPUS_PER_TASK:-'
@@ -277,12 +278,12 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         f'  fail "scontrol requeue failed; resume with: sbatch {_dq(paths.script)}"',
         "fi",
+        'if [ "$STATE" = preempted ]; then',
+        f'  log "stopped by a signal, checkpointed at step $STEP; resume with: sbatch {_dq(paths.script)}"',
+        '  exit "$RC"',
+        "fi",
         'if [ "$RC" -ne 0 ]; then',
         f'  fail "a node exited with $RC (logs above); the last checkpoint resumes with: sbatch {_dq(paths.script)}"',
-        "fi",
-        'if [ "$STATE" = preempted ]; then',
-        f'  log "stopped at step $STEP (checkpointed); resume with: sbatch {_dq(paths.script)}"',
-        "  exit 0",
         "fi",
         'log "finished: state=$STATE step=$STEP"',
     ]

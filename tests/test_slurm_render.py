@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
+from conftest import run_cli
 
 from launcher import slurm
 from launcher.command import rank_environment
@@ -24,10 +25,9 @@ from launcher.hostfile import deepspeed_env_text, parse_hostfile
 from launcher.slurm_job import Allocation, allocation_from_env, check_allocation, job_overrides, sbatch_name
 from launcher.topology import resolve_topology
 from launcher.validate import validate
-from conftest import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-NASTY = "x $(touch PWNED) `touch PWNED2` \"dq\" it's ; &"
+NASTY = 'x $(touch PWNED) `touch PWNED2` "dq" it\'s ; &'
 
 
 def _paths(run_dir: str) -> slurm.JobPaths:
@@ -64,7 +64,7 @@ def test_sbatch_4_nodes_x_8_h100_golden() -> None:
     text = _render(["cluster.nodes=4", "hardware=8xh100", "zero=stage3", "model=llama3_8b", "name=llama3_8b-zero3"])
     _check_golden("sbatch_4x8xh100_zero3_llama3_8b.sbatch", text)
     assert "#SBATCH --nodes=4\n" in text and "#SBATCH --gpus-per-node=8\n" in text
-    assert "--num_nodes 4 --node_rank \"$SLURM_NODEID\"" in text and "--num_gpus 8" in text
+    assert '--num_nodes 4 --node_rank "$SLURM_NODEID"' in text and "--num_gpus 8" in text
     assert "export NCCL_SOCKET_IFNAME='^lo,docker'" in text
     assert "cpus-per-task=" not in text.split("set -uo")[0]  # GPU nodes are taken whole
 
@@ -86,8 +86,17 @@ def test_sbatch_cpu_site_settings_golden() -> None:
     _check_golden("sbatch_cpu_site.sbatch", text)
     header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     assert header[-2:] == ["#SBATCH --constraint=cpu", "#SBATCH --mem=16G"]  # extras last: they win
-    for opt in ("--partition=debug", "--account=proj-42", "--qos=high", "--time=00:30:00", "--cpus-per-task=2",
-                "--signal=B:USR1@120", "--requeue", "--open-mode=append", "--output=/shared/runs/job/slurm-%j.out"):
+    for opt in (
+        "--partition=debug",
+        "--account=proj-42",
+        "--qos=high",
+        "--time=00:30:00",
+        "--cpus-per-task=2",
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--open-mode=append",
+        "--output=/shared/runs/job/slurm-%j.out",
+    ):
         assert f"#SBATCH {opt}" in header
     assert "gpus-per-node" not in text and "export DS_ACCELERATOR=cpu" in text
     assert "module load gcc/12\nsource /opt/venv/bin/activate\n" in text
@@ -125,8 +134,15 @@ def test_hostfile_mode_dry_run(tmp_path: Path) -> None:
     assert f"--hostfile {hostfile} --num_nodes 2 --num_gpus 2 --master_port" in launch
     env = (run_dir / ".deepspeed_env").read_text()
     assert "DS_ACCELERATOR=cpu\n" in env and "PATH=" in env and "PYTHONPATH=" in env
-    bad = run_cli(["cluster=hostfile", f"cluster.hostfile={hostfile}", "hardware=8xh100", "dry_run=true",
-                   f"hydra.run.dir={tmp_path / 'bad'}"])
+    bad = run_cli(
+        [
+            "cluster=hostfile",
+            f"cluster.hostfile={hostfile}",
+            "hardware=8xh100",
+            "dry_run=true",
+            f"hydra.run.dir={tmp_path / 'bad'}",
+        ]
+    )
     assert bad.returncode == 2 and "node-a has slots=2 but hardware=8xh100 runs 8 ranks per node" in bad.stderr
     with pytest.raises(ConfigError, match="cannot pass through"):
         deepspeed_env_text({"NCCL_X": 'a"b'}, "/bin")
@@ -134,8 +150,17 @@ def test_hostfile_mode_dry_run(tmp_path: Path) -> None:
 
 def test_cli_dry_run_writes_sbatch_next_to_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    r = run_cli(["cluster=slurm", "cluster.nodes=4", "hardware=8xh100", "zero=stage3", "model=llama3_8b",
-                 "dry_run=true", f"hydra.run.dir={run_dir}"])
+    r = run_cli(
+        [
+            "cluster=slurm",
+            "cluster.nodes=4",
+            "hardware=8xh100",
+            "zero=stage3",
+            "model=llama3_8b",
+            "dry_run=true",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in run_dir.iterdir())
     assert "config.yaml" in files and "ds_config.json" in files and "launch.sh" not in files
@@ -205,7 +230,9 @@ def test_rendered_script_runs_with_nasty_values(tmp_path: Path) -> None:
     run_dir.mkdir(parents=True)
     fake = tmp_path / "bin"
     fake.mkdir()
-    _fake_bin(fake, "scontrol", 'case "$1 $2" in "show hostnames") echo vm ;; *) echo "scontrol $*" >> "$LOG" ;; esac\n')
+    _fake_bin(
+        fake, "scontrol", 'case "$1 $2" in "show hostnames") echo vm ;; *) echo "scontrol $*" >> "$LOG" ;; esac\n'
+    )
     # srun: drop its options, run the task command once as node 0 (what one-node srun does)
     _fake_bin(fake, "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n')
     _fake_bin(fake, "getent", "exit 0\n")
@@ -228,8 +255,14 @@ def test_rendered_script_runs_with_nasty_values(tmp_path: Path) -> None:
     assert f"#SBATCH --job-name={shlex.quote(NASTY)}" in text
     script = run_dir / "job.sbatch"
     script.write_text(text)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "vm",
-           "SLURM_CPUS_ON_NODE": "2", "LOG": str(tmp_path / "log"), "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "vm",
+        "SLURM_CPUS_ON_NODE": "2",
+        "LOG": str(tmp_path / "log"),
+        "HOME": str(tmp_path),
+    }
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "setup-ran" in r.stdout and "finished: state=completed step=3" in r.stdout

@@ -26,6 +26,8 @@ TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 ROOT = Path(os.environ.get("SLURM_LOCAL_ROOT") or Path(tempfile.gettempdir()) / "launcher-slurm")
 # cluster.sh exits with this when the machine cannot create network namespaces (no CAP_NET_ADMIN/SYS_ADMIN).
 EXIT_NO_NETNS = 3
+# A DeepSpeed job takes ~30 s on an idle 2-core machine; other work on the machine can make it 4x slower.
+JOB_TIMEOUT = 600
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}  # fmt: skip
 
@@ -75,7 +77,7 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: str, log: Path, timeout: float = 300) -> Job:
+    def wait(self, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> Job:
         """Poll `scontrol show job` every second until the job leaves the active states."""
         start = time.monotonic()
         while True:
@@ -92,7 +94,7 @@ class Cluster:
                 raise AssertionError(f"job {job_id} still {state} after {timeout:.0f} s; cancelled. log:\n{tail}")
             time.sleep(1)
 
-    def sbatch_wait(self, args: Sequence[str], workdir: Path, timeout: float = 300) -> Job:
+    def sbatch_wait(self, args: Sequence[str], workdir: Path, timeout: float = JOB_TIMEOUT) -> Job:
         """Submit and wait; the Job carries state, exit code, requeue count, seconds and the log path."""
         job_id = self.submit(args, workdir)
         return self.wait(job_id, workdir / f"slurm-{job_id}.out", timeout)

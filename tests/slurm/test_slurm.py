@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from .conftest import REPO, TRAIN_SBATCH, Cluster, Job
+from .conftest import JOB_TIMEOUT, REPO, TRAIN_SBATCH, Cluster, Job
 
 pytestmark = pytest.mark.slurm
 
@@ -67,8 +67,8 @@ def test_single_node_train_sbatch(reference: Tuple[Job, Path]) -> None:
     "override, message",
     [
         ("model=no_such_model", "launcher: error: model: no option 'no_such_model'"),
-        ("hardware=8xh100", "launcher: error: hardware: hardware=8xh100 runs 8 GPU ranks per node but the "
-                            "allocation has 0 GPU(s) per node"),
+        ("hardware=8xh100", ("launcher: error: hardware: hardware=8xh100 runs 8 GPU ranks per node but the "
+                            "allocation has 0 GPU(s) per node")),
         ("train.global_batch_size=12", "launcher: error: train.global_batch_size: 12 "),
     ],
 )  # fmt: skip
@@ -78,8 +78,9 @@ def test_bad_override_fails_fast(slurm_single: Cluster, tmp_path: Path, override
     log = job.text()
     assert job.state == "FAILED" and job.exit_code == 2, log
     assert message in log, log
-    assert [line for line in log.splitlines() if "error" in line.lower()] == [line for line in log.splitlines()
-                                                                               if line.startswith(message)]
+    assert [line for line in log.splitlines() if "error" in line.lower()] == [
+        line for line in log.splitlines() if line.startswith(message)
+    ]
     assert "deepspeed" not in log and not (tmp_path / "runs").exists(), "something started before the check"
     assert job.seconds < 30
 
@@ -87,7 +88,7 @@ def test_bad_override_fails_fast(slurm_single: Cluster, tmp_path: Path, override
 def test_cli_submit_quotes_every_value(slurm_single: Cluster, tmp_path: Path) -> None:
     """`python -m launcher cluster=slurm` renders and submits; a run name full of shell syntax (it is also the
     run dir) stays text in every line of the script."""
-    name = "it's $(touch PWNED) `touch PWNED2` \"q\""
+    name = 'it\'s $(touch PWNED) `touch PWNED2` "q"'
     escaped = name.replace('"', '\\"')
     env = dict(slurm_single.env, PYTHONPATH=str(REPO))
     cli = subprocess.run(
@@ -97,7 +98,7 @@ def test_cli_submit_quotes_every_value(slurm_single: Cluster, tmp_path: Path) ->
     assert cli.returncode == 0, cli.stderr
     job_id = cli.stdout.split("submitted job ")[1].split(":")[0]
     run_dir = tmp_path / "runs" / name
-    job = slurm_single.wait(job_id, run_dir / f"slurm-{job_id}.out", timeout=240)
+    job = slurm_single.wait(job_id, run_dir / f"slurm-{job_id}.out")
     _report("cli submit", job)
     _assert_ok(job)
     assert slurm_single.job_info(job_id).get("JobName") == "it's", "--job-name lost its quoting"
@@ -116,11 +117,11 @@ def test_preemption_checkpoints_requeues_and_resumes(
     run_dir = tmp_path / "runs" / "preempted"
     start = time.monotonic()
     while not ((run_dir / "metrics.jsonl").is_file() and len(_metrics(run_dir)) >= 3):
-        assert time.monotonic() - start < 240, "training did not start"
+        assert time.monotonic() - start < JOB_TIMEOUT, "training did not start"
         assert slurm_single.job_info(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
     slurm_single.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm_single.wait(job_id, tmp_path / f"slurm-{job_id}.out", timeout=300)
+    job = slurm_single.wait(job_id, tmp_path / f"slurm-{job_id}.out")
     job.seconds = time.monotonic() - start  # from the first metrics poll, through the requeue
     _report("preemption -> requeue -> resume", job)
     _assert_ok(job)
@@ -196,7 +197,7 @@ def test_rank_death_fails_the_job_fast(slurm_netns: Cluster, tmp_path: Path) -> 
     run_dir = tmp_path / "runs" / "rank-dies"
     start = time.monotonic()
     while not ((run_dir / "metrics.jsonl").is_file() and len(_metrics(run_dir)) >= 3):
-        assert time.monotonic() - start < 240, "training did not start"
+        assert time.monotonic() - start < JOB_TIMEOUT, "training did not start"
         time.sleep(0.2)
     pids = subprocess.run(["ip", "netns", "pids", "lslnode2"], capture_output=True, text=True).stdout.split()
     ranks = [p for p in pids if b"launcher.worker" in _cmdline(p) and b"deepspeed" not in _cmdline(p)]
