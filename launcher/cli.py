@@ -194,6 +194,9 @@ def _launch_local(run: PreparedRun) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, stop_ranks)
     code = proc.wait()
+    from launcher.shm import remove_shm_files
+
+    remove_shm_files(_master_port(run.command))  # left by ranks that were killed
     status_file = run.run_dir / "status.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     kept = [rundir.redact(a) for a in sys.argv[1:] if not a.startswith("train.max_steps=")]
@@ -233,6 +236,10 @@ def _adopt_hf_architecture(cfg: DictConfig) -> None:
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:
         cfg.model.rope_theta = float(theta)
+
+
+def _master_port(command: Sequence[str]) -> int:
+    return int(command[list(command).index("--master_port") + 1])
 
 
 def _cpu_flags() -> set:

@@ -25,3 +25,20 @@ def run_cli(args: List[str], cwd: Optional[Path] = None, env: Optional[dict] = N
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sweep_leaked_shm():
+    """Probe scripts that start ranks without the launcher (ac_probe, bench) leave DeepSpeed's /dev/shm
+    allreduce files behind (see launcher/shm.py); remove the ones this session created."""
+    import glob
+    import time
+
+    start = time.time()
+    yield
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if os.path.getmtime(path) >= start:
+                os.unlink(path)
+        except OSError:
+            pass

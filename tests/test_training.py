@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from launcher.shm import shm_files
 
 pytestmark = pytest.mark.ranks
 
@@ -50,6 +51,8 @@ def test_default_run_trains_then_resumes(tmp_path):
         assert r["tokens_per_sec"] > 0 and r["mem_peak_gb"] > 0.05 and r["mfu"] is None  # no CPU peak: no MFU
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
     assert (run_dir / "loss.png").stat().st_size > 1000
+    port = int((run_dir / "launch.sh").read_text().split("--master_port ")[1].split()[0])
+    assert not shm_files(port), "DeepSpeed's shm allreduce files must not outlive the launch"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert "resume/extend" in res.stdout
 
@@ -219,6 +222,8 @@ def test_dead_rank_fails_launch_fast_and_checkpoint_survives(tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 45, "a dead rank must end the launch within seconds, not hang"
     assert not _worker_pids(run_dir)
+    port = int((run_dir / "launch.sh").read_text().split("--master_port ")[1].split()[0])
+    assert not shm_files(port), "the killed rank's shm file is swept by the launcher"
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = int(tag.split("_")[1])
     res = train(run_dir, "zero=stage3", f"train.max_steps={step + 2}", "train.save_every=3", "train.log_every=1",

@@ -42,12 +42,23 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()
+        _remove_own_shm_file()
         # Peers may be blocked in a collective; the deepspeed launcher kills them when this rank exits.
         os._exit(1)
     # Without a barrier + destroy, rank exit aborts (SIGABRT) in about a third of runs.
     dist.barrier()
     dist.destroy_process_group()
+    _remove_own_shm_file()
     return code
+
+
+def _remove_own_shm_file() -> None:
+    """Every peer has mapped it long ago; unlinking the name only stops the 66 MiB from outliving us."""
+    from launcher.shm import remove_shm_files
+
+    port, addr, rank = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR"), os.environ.get("RANK")
+    if port and addr and rank:
+        remove_shm_files(int(port), addr, int(rank))
 
 
 if __name__ == "__main__":
