@@ -96,7 +96,8 @@ def _explain_omegaconf_error(exc: BaseException) -> Tuple[str, str]:
     value = re.search(r"Value '([^']*)'", msg)
     typ = re.search(r"could not be converted to (\w+)", msg)
     if value and typ:
-        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(typ.group(1), typ.group(1))
+        kinds = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}
+        kind = kinds.get(typ.group(1), typ.group(1))
         return key, f"'{value.group(1)}' is not {kind}; set {key}=<{kind}>"
     bad_bool = re.search(r"Value '([^']*)' is not a valid bool", msg)
     if bad_bool:

@@ -183,7 +183,8 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
             'trap "" USR1 TERM',
             (
                 'getent hosts "$MASTER_ADDR" >/dev/null || '
-                '{ echo "launcher: error: node $(hostname) cannot resolve the master address $MASTER_ADDR" >&2; exit 1; }'
+                '{ echo "launcher: error: node $(hostname) cannot resolve the master address $MASTER_ADDR" >&2; '
+                'exit 1; }'
             ),
             f"exec {runner}",
         ]

@@ -7,10 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 MUST_SHOW = ["zero=stage3", "model=llama3_8b", "hardware=8xh100", "precision=fp16", "offload=cpu",

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.worker.data import (DataError, SampleOrder, build_packed, builtin_documents, load_local_texts,
-                                  micro_batches, pack)
+from launcher.worker.data import (
+    DataError,
+    SampleOrder,
+    build_packed,
+    builtin_documents,
+    load_local_texts,
+    micro_batches,
+    pack,
+)
 from launcher.worker.tokenizer import BYTE_VOCAB, byte_tokenizer
 
 

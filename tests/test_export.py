@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.ranks

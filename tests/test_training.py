@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from launcher.shm import shm_files
 
 pytestmark = pytest.mark.ranks

@@ -144,7 +144,8 @@ def test_fp16_on_cpu_ranks_needs_native_fp16(tmp_path):
 
 
 def test_preflight_refuses_llama3_8b_on_local_cpu(tmp_path):
-    refuse(["model=llama3_8b", "dry_run=true"], r"^plan: needs [\d.]+ GiB/rank, [\d.]+ GiB usable on local .*force=true",
+    refuse(["model=llama3_8b", "dry_run=true"],
+           r"^plan: needs [\d.]+ GiB/rank, [\d.]+ GiB usable on local .*force=true",
            tmp_path)
     run = prepare(["model=llama3_8b", "dry_run=true", "force=true", f"hydra.run.dir={tmp_path / 'run'}"],
                   local_gpus=0)

@@ -163,7 +163,8 @@ def preflight(cfg: DictConfig, topo: Topology, host_mem_bytes: int | None = None
     if fit is None:
         smallest = min((evaluate(cfg, topo, s, cap, 1) for s in preference_order(layers, ac=(1,))),
                        key=lambda r: r.memory.total)
-        overrides = " ".join(setup_overrides(smallest.setup, 1)).replace(" activation_checkpointing.every_n_layers=1", "")
+        overrides = " ".join(setup_overrides(smallest.setup, 1))
+        overrides = overrides.replace(" activation_checkpointing.every_n_layers=1", "")
         tail = (f"nothing fits: even the smallest setup, {overrides}, needs {_g(smallest.memory.total)} "
                 f"GiB/{unit}; use more nodes (cluster.nodes), a shorter train.seq_len or a smaller model")
         return PreflightResult(False, f"{head}; {tail}", need, usable)

@@ -33,8 +33,12 @@ SUB_GROUP_SIZE = 1_000_000_000
 CUDA_CONTEXT_RESERVE_GIB = 1.0
 # GPU: NCCL communicator buffers, cuBLAS workspaces, DeepSpeed's small tensors.
 GPU_FRAMEWORK_OVERHEAD_GIB = 1.0
-# CPU rank: resident size of a Python process with torch, deepspeed, transformers and gloo loaded.
-CPU_RANK_BASELINE_GIB = 0.4
+# CPU rank: resident size of a Python process with torch, deepspeed, transformers and gloo loaded, as it
+# is while training. Measured (bench/planner_accuracy.py, 2 CPU ranks, torch 2.13, deepspeed 0.19.8):
+# 365 MiB right after imports + init_distributed, 442-451 MiB once a first engine has trained (first-use
+# allocations that stay resident), and peak minus the modelled tensors = 442-446 MiB at all 8 ZeRO-1/2
+# grid points, where the model-state and activation terms matched the measurement to ~1 MiB.
+CPU_RANK_BASELINE_GIB = 0.43
 # Host memory left to the OS and other processes when the CPU ranks share this node's RAM.
 HOST_OS_RESERVE_GIB = 1.0
 # Caching-allocator fragmentation, as a fraction of the memory that comes and goes each step.
@@ -206,17 +210,25 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         buckets = 2 if zero.overlap_comm else 1
         n_bucket = int(zero.reduce_bucket_size)
         bucket_elems = min(p_all, buckets * n_bucket) if on_cpu else buckets * n_bucket
-        t["buffers.reduce_buckets"] = gb * bucket_elems if contiguous else 0
+        # On CPU ranks the buckets and grads_in_partition are re-created (torch.empty) every backward and
+        # released at its end (_release_ipg_buffers); their pages are first touched as gradients arrive,
+        # while the activations are being freed, so they peak at the end of backward, not with the
+        # activations ("bwdend.", measured: bench/planner_accuracy.py). A GPU's caching allocator keeps
+        # them reserved: they add to the activations there.
+        late = "bwdend" if on_cpu and not offload else "buffers"
+        t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous else 0
         if setup.zero_stage == 1 and (accum > 1 or not contiguous):
             # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across
             # the other micro-steps. (On the boundary, with contiguous_gradients, each grad is moved into
             # the bucket and aliases it, as in ZeRO-2.)
             t["grads.full"] = gb * p_all
         if not offload:
-            t["grads.partition"] = gb * part  # contiguous grads_in_partition
+            t["bwdend.grad_partition" if on_cpu else "grads.partition"] = gb * part  # contiguous grads_in_partition
             # End of backward: averaged_gradients, a fresh flat copy of the partition, is built before the
             # buckets and grads_in_partition are released; in step() it replaces grads_in_partition.
-            t["buffers.flat_grad_partition"] = gb * part
+            t[f"{late}.flat_grad_partition"] = gb * part
+            if on_cpu:
+                t["step.flat_grad_partition"] = gb * part  # still there in step(), next to its fp32 cast
             t["step.fp32_grad"] = fp32_cast * part  # .to(fp32) as the master partition's .grad
             t["step.adam_temporaries"] = adam_temps * part
         else:
@@ -276,7 +288,8 @@ def _assemble(terms: dict[str, int], topo: Topology) -> MemoryBreakdown:
     params, grads, optimizer, activations = group("params"), group("grads"), group("optimizer"), group("activations")
     # Buffers at the peak: backward-time buffers, or what the optimizer step adds to the model states
     # beyond the activations, which are freed by then. ("step." repeats buffers that persist into it.)
-    buffers = max(group("buffers"), group("step") - activations)
+    # "bwdend." buffers (CPU ranks, ZeRO-1/2) exist only once backward has freed the activations.
+    buffers = max(group("buffers"), group("step") - activations, group("bwdend") - activations)
     if topo.accelerator == "cpu":
         # CPU ranks: the offloaded state is in the same (host) memory as everything else.
         columns = {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}

@@ -92,7 +92,8 @@ def test_cli_submit_quotes_every_value(slurm_single: Cluster, tmp_path: Path) ->
     escaped = name.replace('"', '\\"')
     env = dict(slurm_single.env, PYTHONPATH=str(REPO))
     cli = subprocess.run(
-        [sys.executable, "-m", "launcher", "cluster=slurm", f'name="{escaped}"', "train.max_steps=3", "train.log_every=1"],
+        [sys.executable, "-m", "launcher", "cluster=slurm", f'name="{escaped}"', "train.max_steps=3",
+         "train.log_every=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
