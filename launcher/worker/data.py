@@ -13,7 +13,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -90,17 +90,60 @@ def source_fingerprint(data_path: Optional[str], builtin_docs: int) -> dict:
     return {"files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]}
 
 
-def pack(token_lists: List[List[int]], seq_len: int, bos: Optional[int], eos: Optional[int]) -> np.ndarray:
+def pack(token_lists: Sequence[Sequence[int]], seq_len: int, bos: Optional[int], eos: Optional[int]) -> np.ndarray:
     """Concatenate documents (bos doc eos) and cut into full rows of seq_len tokens; the tail is dropped."""
-    stream: List[int] = []
+    head = np.asarray([] if bos is None else [bos], dtype=np.int32)
+    tail = np.asarray([] if eos is None else [eos], dtype=np.int32)
+    parts = []
     for ids in token_lists:
-        if bos is not None:
-            stream.append(bos)
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
+        parts += (head, np.asarray(ids, dtype=np.int32), tail)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     rows = len(stream) // seq_len
-    return np.asarray(stream[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
+    return stream[: rows * seq_len].reshape(rows, seq_len)
+
+
+def encode(tokenizer, texts: List[str]) -> Sequence[Sequence[int]]:
+    """Each text's token ids, no special tokens added: `tokenizer(texts, add_special_tokens=False)`.
+
+    A byte-identity tokenizer (the built-in byte tokenizer: id = UTF-8 byte) is applied as `text.encode()`,
+    ~50x faster than through `tokenizers` (the 2.6M-character built-in corpus: 0.03 s instead of 1.4-1.6 s, the
+    bulk of a fresh run's data preparation). Texts containing a special token's text still go through the tokenizer, and a sample is
+    checked against it, so the ids are the same either way.
+    """
+    if not texts or not _is_byte_identity(tokenizer):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    specials = [t for t in tokenizer.get_added_vocab() if t]
+    ids: List[Sequence[int]] = []
+    for text in texts:
+        if any(s in text for s in specials):
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+    sample = texts[:16]
+    if tokenizer(sample, add_special_tokens=False)["input_ids"] != [list(map(int, i)) for i in ids[:16]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _is_byte_identity(tokenizer) -> bool:
+    """A byte-level BPE with no merges whose vocabulary maps GPT-2's byte alphabet to the byte values, with
+    nothing normalised or prefixed (launcher.worker.tokenizer.byte_tokenizer): its ids are the UTF-8 bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    from launcher.worker.tokenizer import _bytes_to_unicode
+
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # a backend that cannot be serialised: take the general path
+        return False
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("merges")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space", True) or pre.get("use_regex", True)):
+        return False
+    vocab = model.get("vocab") or {}
+    return all(vocab.get(ch) == b for b, ch in _bytes_to_unicode().items())
 
 
 def build_packed(cfg, tokenizer, cache_dir: str) -> str:
@@ -119,7 +162,7 @@ def build_packed(cfg, tokenizer, cache_dir: str) -> str:
         texts = builtin_documents(cfg.data.builtin_documents)
     else:
         texts = load_local_texts(cfg.data.path, cfg.data.text_field, cache_dir)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = encode(tokenizer, texts)
     packed = pack(ids, cfg.train.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
     if len(packed) == 0:
         raise DataError(f"data.path: the data holds fewer than train.seq_len={cfg.train.seq_len} tokens")

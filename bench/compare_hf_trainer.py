@@ -1,0 +1,215 @@
+"""Training throughput: the launcher's worker beside `transformers.Trainer` + DeepSpeed, same run, 2 CPU ranks.
+
+Both sides train the same run, rendered once by the launcher (`python -m launcher ... dry_run=true`):
+  - the same Llama (launcher.worker.model.build_model: same architecture, bitwise the same initial weights),
+  - the same packed rows of the built-in corpus in the same order (built once here into a shared
+    data.cache_dir with launcher.worker.data.build_packed; both read sample k of the run as packed row
+    SampleOrder.row(k)), so both see identical micro batches on each rank,
+  - the same DeepSpeed JSON (ZeRO stage, precision, micro batch x accumulation x ranks, AdamW, schedule,
+    clipping): ours reads it, Trainer gets it as TrainingArguments(deepspeed=...), with the Trainer arguments
+    set from it (transformers checks they agree),
+  - 2 CPU ranks each through the `deepspeed` runner, with the environment launch.sh exports
+    (DS_ACCELERATOR=cpu, OMP_NUM_THREADS) and one bench-private TORCH_EXTENSIONS_DIR (see below).
+The per-step losses of the two are compared as a check that they really train the same thing.
+
+A  `python -m launcher <overrides> train.log_every=1 hydra.run.dir=<fresh>`: step times are metrics.jsonl's
+   `step_time_s` (wall time per step, everything in the loop included: data, forward/backward/step, the
+   per-step loss/memory logging and the stop-signal check).
+B  `deepspeed ... bench/_hf_trainer_rank.py <rendered run dir> <out.json>`: step times are the differences
+   of TrainerCallback.on_step_end timestamps (everything in Trainer's loop included; it logs the loss every
+   step too, logging_steps=1).
+The first --warmup steps of every run are dropped; a run's step time is the median of the rest; runs
+alternate A B A B ... (--runs each, default 3), one launch at a time, and the table shows the medians over
+runs. "Fastest step" (the median over runs of each run's fastest steady step) is shown beside it: on a
+machine shared with other work it is the less load-sensitive of the two. Peak memory is each rank's peak
+RSS (VmHWM), the larger of the two ranks (the launcher's mem_peak_gb).
+
+TORCH_EXTENSIONS_DIR: DeepSpeed JIT-loads its shm comm op in every rank, under a lock in the extension dir,
+rebuilding it when the dir was last built by a different command line. Other work on a shared machine that
+uses the default ~/.cache/torch_extensions can hold that lock or force rebuilds (30-100 s) in the middle of
+a timed launch, so both sides use build/bench_torch_extensions (seeded from the user's extension dir, built
+once, untimed).
+
+    .venv/bin/python bench/compare_hf_trainer.py [--runs 3] [--steps 30] [--warmup 5] [--workdir DIR]
+                                                 [launcher overrides ...]
+
+The last line is `ratio X` with X = our tokens/s / Trainer tokens/s (median over runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# 3.0M parameters (tiny_llama widened to hidden 256: 4 layers, 4 heads, 2 KV heads, byte vocabulary);
+# 4 micro x 2 accum x 2 ranks x 128 = 2048 tokens per step, ZeRO-2, fp32: 0.35-0.7 s per step on 2 shared cores.
+DEFAULT_OVERRIDES = [
+    "model.hidden_size=256", "model.intermediate_size=688",
+    "train.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=16",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shm all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (66 MB per rank)
+    behind when its ranks exit, so every launch on a fresh port leaks them. Remove this (finished) launch's."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def launch_port(run_dir: Path) -> int:
+    """The master port the launcher chose for this run (in its launch.sh)."""
+    words = (run_dir / "launch.sh").read_text().split()
+    return int(words[words.index("--master_port") + 1])
+
+
+def private_extensions_dir() -> Path:
+    """build/bench_torch_extensions, seeded from the user's extension dir and (re)built once, untimed."""
+    ext = REPO / "build" / "bench_torch_extensions"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    default = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(f"~/.cache/torch_extensions/{py}"))
+    if not ext.is_dir() and default.is_dir() and default.resolve() != ext.resolve():
+        shutil.copytree(default, ext, ignore=shutil.ignore_patterns("lock"))
+    ext.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    # Only the op these runs load (no offload: no cpu_adam). Up to date: ~1 s; rebuilt: 30-80 s, once.
+    warm = "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
+    subprocess.run([PY, "-c", warm], cwd=REPO, env=env, check=True, capture_output=True)
+    return ext
+
+
+def launch_env(run_dir: Path, base: dict) -> dict:
+    """base plus the variables launch.sh exports to the ranks (DS_ACCELERATOR, OMP_NUM_THREADS)."""
+    env = dict(base)
+    for line in (run_dir / "launch.sh").read_text().splitlines():
+        if line.startswith("export ") and not line.startswith("export PYTHONPATH="):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value.strip("'\"")
+    return env
+
+
+def run(cmd: list, cwd: Path, env: dict, log: Path, timeout: float = 900) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every run")
+    parser.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir, removed after)")
+    parser.add_argument("overrides", nargs="*", help="launcher overrides replacing the default model/batch")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_hf_"))
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = (args.overrides or DEFAULT_OVERRIDES) + [
+        f"train.max_steps={args.steps}", "train.log_every=1", f"data.cache_dir={work / 'cache'}"]
+
+    base = dict(os.environ, PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=str(private_extensions_dir()))
+    render = work / "rendered"
+    shutil.rmtree(render, ignore_errors=True)
+    res = subprocess.run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={render}", "dry_run=true"],
+                         cwd=REPO, env=base, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(res.stdout + res.stderr)
+    sys.path.insert(0, str(REPO))
+    from omegaconf import OmegaConf
+
+    from launcher.worker.data import build_packed
+    from launcher.worker.tokenizer import load_tokenizer
+
+    cfg = OmegaConf.load(render / "config.yaml")
+    ds = json.loads((render / "ds_config.json").read_text())
+    build_packed(cfg, load_tokenizer(cfg.model.path), cfg.data.cache_dir)  # shared by both, untimed
+    env_b = launch_env(render, base)
+    tokens_per_step = ds["train_batch_size"] * int(cfg.train.seq_len)
+    deepspeed = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(cfg.hardware.cpu_ranks)]
+
+    ours, hf, loads, loss_diffs = [], [], [], []
+    for i in range(args.runs):
+        run_dir = work / f"ours_{i}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        loads.append(os.getloadavg()[0])
+        run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={run_dir}"], REPO, base, work / f"ours_{i}.log")
+        remove_shm_buffers(launch_port(run_dir))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, args.steps + 1)), "expected one metrics line per step"
+        steady = [r["step_time_s"] for r in rows[args.warmup:]]
+        ours.append({"step": statistics.median(steady), "fastest": min(steady),
+                     "mem": rows[-1]["mem_peak_gb"], "losses": [r["loss"] for r in rows]})
+
+        out = work / f"hf_{i}.json"
+        out.unlink(missing_ok=True)
+        loads.append(os.getloadavg()[0])
+        port = free_port()
+        run([*deepspeed, "--master_port", str(port), str(REPO / "bench/_hf_trainer_rank.py"), str(render),
+             str(out)], work, env_b, work / f"hf_{i}.log")
+        remove_shm_buffers(port)
+        result = json.loads(out.read_text())
+        stamps = result["stamps"]
+        assert len(stamps) == args.steps + 1, "expected a timestamp per step"
+        times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        hf.append({"step": statistics.median(times[args.warmup:]), "fastest": min(times[args.warmup:]),
+                   "mem": max(result["peak_rss_per_rank"]) / 1e9,
+                   "losses": result["losses"]})
+        loss_diffs.append(max(abs(a - b) for a, b in zip(ours[-1]["losses"], hf[-1]["losses"], strict=True)))
+        print(f"round {i + 1}: launcher {ours[-1]['step']:.4f} s/step, Trainer {hf[-1]['step']:.4f} s/step "
+              f"(load {loads[-2]:.2f} / {loads[-1]:.2f}; max |loss diff| {loss_diffs[-1]:.1e})", flush=True)
+
+    def row(name: str, runs: list) -> tuple:
+        step = statistics.median(r["step"] for r in runs)
+        per_run = ", ".join(f"{tokens_per_step / r['step']:.0f}" for r in runs)
+        fastest = statistics.median(r["fastest"] for r in runs)
+        mem = statistics.median(r["mem"] for r in runs)
+        print(f"| {name} | {tokens_per_step / step:.0f} | {step:.4f} | {per_run} | {fastest:.4f} | {mem:.2f} |")
+        return tokens_per_step / step, fastest
+
+    n_params = None
+    for line in (work / "ours_0.log").read_text().splitlines():
+        if "[launcher] starting:" in line:
+            n_params = line.split("starting:")[1].split(" params")[0].strip()
+    print()
+    print(f"Training throughput, 2 CPU ranks, {n_params} parameters, ZeRO-{ds['zero_optimization']['stage']}, "
+          f"{'bf16' if 'bf16' in ds else 'fp16' if 'fp16' in ds else 'fp32'}, "
+          f"{ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accum x 2 ranks x "
+          f"{cfg.train.seq_len} tokens = {tokens_per_step} tokens/step; steps {args.warmup + 1}-{args.steps} of "
+          f"each run, {args.runs} interleaved runs each; 1-min load avg during runs "
+          f"{min(loads):.2f}-{max(loads):.2f}; per-step losses of the two agree within {max(loss_diffs):.1e}")
+    print()
+    print("| trainer | tokens/s (median) | step time (s, median) | tokens/s per run | fastest step (s) | "
+          "peak RSS per rank (GB) |")
+    print("|---|---|---|---|---|---|")
+    a, a_fast = row("launcher (`python -m launcher`)", ours)
+    b, b_fast = row("transformers.Trainer + DeepSpeed", hf)
+    print()
+    print(f"by fastest steps (our tokens/s / Trainer tokens/s at each side's fastest step): {b_fast / a_fast:.3f}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"ratio {a / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
