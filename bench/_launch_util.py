@@ -56,3 +56,12 @@ def launch_env(run_dir: Path, base: dict) -> dict:
             key, _, value = line[len("export "):].partition("=")
             env[key] = value.strip("'\"")
     return env
+
+
+def render_run(overrides: list, render: Path, env: dict) -> None:
+    """Render a run dir with the launcher itself (dry run: nothing started); exit with its message on error."""
+    shutil.rmtree(render, ignore_errors=True)
+    res = subprocess.run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={render}", "dry_run=true"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(res.stdout + res.stderr)

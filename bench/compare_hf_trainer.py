@@ -48,7 +48,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _launch_util import free_port, launch_env, launch_port, private_extensions_dir, remove_shm_buffers
+from _launch_util import free_port, launch_env, launch_port, private_extensions_dir, remove_shm_buffers, render_run
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -82,11 +82,7 @@ def main() -> int:
 
     base = dict(os.environ, PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=str(private_extensions_dir()))
     render = work / "rendered"
-    shutil.rmtree(render, ignore_errors=True)
-    res = subprocess.run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={render}", "dry_run=true"],
-                         cwd=REPO, env=base, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(res.stdout + res.stderr)
+    render_run(overrides, render, base)
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 

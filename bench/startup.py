@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _launch_util import free_port, launch_env, launch_port, private_extensions_dir, remove_shm_buffers
+from _launch_util import free_port, launch_env, launch_port, private_extensions_dir, remove_shm_buffers, render_run
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -69,11 +69,7 @@ def main() -> int:
 
     # The JSON and architecture B uses: rendered by the launcher itself (dry run: nothing started).
     render = work / "rendered"
-    shutil.rmtree(render, ignore_errors=True)
-    res = subprocess.run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={render}", "dry_run=true"],
-                         cwd=REPO, env=env_a, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(res.stdout + res.stderr)
+    render_run(overrides, render, env_a)
     from omegaconf import OmegaConf
 
     sys.path.insert(0, str(REPO))
