@@ -46,9 +46,9 @@ def main() -> None:
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from launcher.models.tokenizer import load_tokenizer
     from launcher.worker.data import SampleOrder, build_packed
     from launcher.worker.model import build_model
-    from launcher.worker.tokenizer import load_tokenizer
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     ds_path = run_dir / "ds_config.json"

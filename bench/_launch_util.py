@@ -22,7 +22,7 @@ def free_port() -> int:
 def remove_shm_buffers(port: int) -> None:
     """DeepSpeed's CPU shm all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (66 MB per rank)
     behind when ranks exit outside the launcher (Trainer, the bare script). Remove this (finished) launch's."""
-    from launcher.shm import remove_shm_files
+    from launcher.launch.shm import remove_shm_files
 
     remove_shm_files(port)
 

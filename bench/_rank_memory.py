@@ -53,7 +53,7 @@ from deepspeed.runtime.zero import parameter_offload  # noqa: E402
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402,F401
 
-from launcher.cli import prepare  # noqa: E402
+from launcher.prepare import prepare  # noqa: E402
 from launcher.worker import act_ckpt  # noqa: E402
 from launcher.worker.model import build_model, count_parameters  # noqa: E402
 

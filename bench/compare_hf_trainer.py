@@ -86,8 +86,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 
+    from launcher.models.tokenizer import load_tokenizer
     from launcher.worker.data import build_packed
-    from launcher.worker.tokenizer import load_tokenizer
 
     cfg = OmegaConf.load(render / "config.yaml")
     ds = json.loads((render / "ds_config.json").read_text())

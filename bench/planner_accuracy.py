@@ -36,9 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launcher.cli import prepare  # noqa: E402
 from launcher.plan import Setup, estimate_memory  # noqa: E402
 from launcher.plan.memory import CPU_RANK_BASELINE_GIB, GIB  # noqa: E402
+from launcher.prepare import prepare  # noqa: E402
 
 MIB = 1024**2
 # name -> (architecture overrides, seq_len, micro_batch_size). Shapes chosen so that activations and

@@ -73,7 +73,7 @@ def main() -> int:
     from omegaconf import OmegaConf
 
     sys.path.insert(0, str(REPO))
-    from launcher.worker.model import llama_config
+    from launcher.models.hf_config import llama_config
 
     cfg = OmegaConf.load(render / "config.yaml")
     arch = work / "llama_config.json"

@@ -1,7 +1,7 @@
 """Regenerate the checked-in reference DeepSpeed configs: `python -m launcher.ds_configs`.
 
 ds_configs/<hardware>/zero<stage>_<offload>_<precision>.json for the shipped combinations, composed through
-the real entry point (launcher.cli.prepare) with the default train shape. tests/test_ds_configs.py fails
+the real entry point (launcher.prepare.prepare) with the default train shape. tests/test_ds_configs.py fails
 when a file drifts from what the code generates.
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-from launcher.cli import prepare
+from launcher.prepare import prepare
 
 HARDWARE = ("8xa100", "8xh100")
 STAGES = (1, 2, 3)

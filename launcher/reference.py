@@ -1,67 +1,9 @@
-"""The override reference, generated from the schemas (`python -m launcher --help`; README section)."""
+"""`python -m launcher.reference`: print the override reference (generated in launcher/config/reference.py)."""
 
-from __future__ import annotations
+import sys
 
-import dataclasses
-import inspect
-import re
-from typing import Dict, List
-
-from launcher import schema
-from launcher.compose import group_options
-
-GROUPS = ("zero", "offload", "activation_checkpointing", "precision", "model", "hardware", "cluster")
-
-
-def _field_comments(cls: type) -> Dict[str, str]:
-    """Comment lines directly above each field in the dataclass source."""
-    comments: Dict[str, str] = {}
-    pending: List[str] = []
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"(\w+):", stripped)
-        if match and pending:
-            comments[match.group(1)] = " ".join(pending)
-        pending = []
-    return comments
-
-
-def _type_name(f: dataclasses.Field) -> str:
-    return str(f.type).replace("Optional[", "").replace("]", "?").replace("typing.", "")
-
-
-def override_reference() -> str:
-    out = [
-        "Usage: python -m launcher [group=option ...] [key=value ...]",
-        "",
-        "Groups (pick one option each; default first is marked *):",
-    ]
-    defaults = {"zero": "stage2", "offload": "none", "activation_checkpointing": "none", "precision": "fp32",
-                "model": "tiny_llama", "hardware": "local", "cluster": "local"}
-    for group in GROUPS:
-        opts = [("*" + o if o == defaults[group] else o) for o in group_options(group)]
-        out.append(f"  {group}={'|'.join(opts)}")
-    out.append(f"  +experiment={'|'.join(group_options('experiment'))}")
-    out += ["", "Keys (key: type = default  # meaning):"]
-    for top in dataclasses.fields(schema.LauncherConfig):
-        factory = top.default_factory  # type: ignore[misc]
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            comments = _field_comments(factory)
-            for f in dataclasses.fields(factory):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                note = f"  # {comments[f.name]}" if f.name in comments else ""
-                out.append(f"  {top.name}.{f.name}: {_type_name(f)} = {default!r}{note}")
-    top_comments = _field_comments(schema.LauncherConfig)
-    for top in dataclasses.fields(schema.LauncherConfig):
-        if top.default is not dataclasses.MISSING:
-            note = f"  # {top_comments[top.name]}" if top.name in top_comments else ""
-            out.append(f"  {top.name}: {_type_name(top)} = {top.default!r}{note}")
-    out += ["", "Run dir: hydra.run.dir=<dir> (default runs/<name>; rerunning the same run dir resumes)."]
-    return "\n".join(out)
-
+from launcher.config.reference import override_reference
 
 if __name__ == "__main__":
     print(override_reference())
+    sys.exit(0)

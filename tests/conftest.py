@@ -30,7 +30,7 @@ def run_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def sweep_leaked_shm():
     """Probe scripts that start ranks without the launcher (ac_probe, bench) leave DeepSpeed's /dev/shm
-    allreduce files behind (see launcher/shm.py); remove the ones this session created."""
+    allreduce files behind (see launcher/launch/shm.py); remove the ones this session created."""
     import glob
     import time
 

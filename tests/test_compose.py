@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from launcher.cli import prepare
-from launcher.compose import group_options
+from launcher.config.compose import group_options
+from launcher.prepare import prepare
 
 STAGES = [o for o in group_options("zero") if o != "auto"]
 OFFLOADS = group_options("offload")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from launcher.models.tokenizer import BYTE_VOCAB, byte_tokenizer
 from launcher.worker.data import (
     DataError,
     SampleOrder,
@@ -17,7 +18,6 @@ from launcher.worker.data import (
     micro_batches,
     pack,
 )
-from launcher.worker.tokenizer import BYTE_VOCAB, byte_tokenizer
 
 
 def cfg(tmp_path, path=None, field="text", seq=16):

@@ -55,7 +55,7 @@ def test_deepspeed_parser_accepts_activation_checkpointing_block(monkeypatch, tm
     from deepspeed.runtime import config as ds_config_module
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from launcher.cli import prepare
+    from launcher.prepare import prepare
 
     monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda *a, **k: 0)
     run = prepare(["activation_checkpointing=full", "activation_checkpointing.cpu_checkpointing=true",

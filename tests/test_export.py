@@ -67,7 +67,7 @@ def reference_model(run_dir: Path, step: int):
     from omegaconf import OmegaConf
     from transformers import LlamaForCausalLM
 
-    from launcher.worker.model import llama_config
+    from launcher.models.hf_config import llama_config
 
     model = LlamaForCausalLM(llama_config(OmegaConf.load(run_dir / "config.yaml").model))
     model.load_state_dict(reference_state_dict(run_dir, step), strict=True)
@@ -290,10 +290,11 @@ def test_errors_are_one_line_and_leave_nothing_half_written(z1, tmp_path):
 
 
 def test_shard_plan_and_sizes():
-    from launcher.consolidate import ExportError, _shard_plan, parse_size
+    from launcher.errors import ExportError
+    from launcher.export.shards import parse_size, shard_plan
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(ExportError):
         parse_size("0")
-    plan = _shard_plan([("a", 4), ("b", 4), ("c", 10), ("d", 1), ("e", 1)], 8)
+    plan = shard_plan([("a", 4), ("b", 4), ("c", 10), ("d", 1), ("e", 1)], 8)
     assert plan == [["a", "b"], ["c"], ["d", "e"]]

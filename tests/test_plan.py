@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.compose import compose
+from launcher.config.compose import compose
+from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 from launcher.plan import (
     Setup,
@@ -27,7 +28,6 @@ from launcher.plan import (
 )
 from launcher.plan.params import ModelShape
 from launcher.plan.perf import ACHIEVABLE_FRACTION
-from launcher.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3

@@ -17,14 +17,16 @@ from typing import List, Optional
 import pytest
 from conftest import run_cli
 
-from launcher import slurm
-from launcher.command import rank_environment
-from launcher.compose import compose
+from launcher.config.compose import compose
+from launcher.config.hostfile import parse_hostfile
+from launcher.config.topology import resolve_topology
+from launcher.config.validate import validate
 from launcher.errors import ConfigError
-from launcher.hostfile import deepspeed_env_text, parse_hostfile
-from launcher.slurm_job import Allocation, allocation_from_env, check_allocation, job_overrides, sbatch_name
-from launcher.topology import resolve_topology
-from launcher.validate import validate
+from launcher.launch.slurm import Allocation, allocation_from_env, check_allocation, job_overrides
+from launcher.render import sbatch as slurm
+from launcher.render.command import rank_environment
+from launcher.render.hostfile import deepspeed_env_text, hostfile_text
+from launcher.render.sbatch import sbatch_name
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NASTY = 'x $(touch PWNED) `touch PWNED2` "dq" it\'s ; &'
@@ -104,7 +106,7 @@ def test_sbatch_cpu_site_settings_golden() -> None:
 
 
 def test_hostfile_and_nossh_argv() -> None:
-    text = slurm.hostfile_text(["n1", "n2", "gpu-003.cluster"], 8)
+    text = hostfile_text(["n1", "n2", "gpu-003.cluster"], 8)
     _check_golden("hostfile_3x8.txt", text)
     assert parse_hostfile(text) == [("n1", 8), ("n2", 8), ("gpu-003.cluster", 8)]
     argv = slurm.nossh_runner_args(4, 8, "/shared/runs/job", "/shared/runs/job/hostfile.7", "n1", "20007", "2")
@@ -116,7 +118,7 @@ def test_hostfile_and_nossh_argv() -> None:
     rendered = slurm.shell_join(slurm.nossh_runner_args(2, 1, "/r"))
     assert '--node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"' in rendered
     with pytest.raises(ConfigError, match="not a host name"):
-        slurm.hostfile_text(["n1 slots=2"], 1)
+        hostfile_text(["n1 slots=2"], 1)
     with pytest.raises(ConfigError, match="listed twice"):
         parse_hostfile("a slots=1\na slots=2\n")
     with pytest.raises(ConfigError, match="not 'host slots=N'"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from launcher.shm import shm_files
+from launcher.launch.shm import shm_files
 
 pytestmark = pytest.mark.ranks
 
@@ -237,8 +237,8 @@ def _save_local_model(model_dir: Path) -> None:
     from omegaconf import OmegaConf
     from transformers import LlamaForCausalLM
 
-    from launcher.worker.model import llama_config
-    from launcher.worker.tokenizer import byte_tokenizer
+    from launcher.models.hf_config import llama_config
+    from launcher.models.tokenizer import byte_tokenizer
 
     model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
     model_cfg.attn_implementation = "sdpa"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.cli import prepare
 from launcher.errors import ConfigError
+from launcher.prepare import prepare
 
 
 def refuse(overrides, match, tmp_path, local_gpus=0):
@@ -119,7 +119,7 @@ def test_fp16_on_bf16_hardware_is_allowed_with_recommendation(tmp_path):
 
 
 def test_resume_refuses_changed_settings(tmp_path):
-    from launcher import rundir
+    from launcher.launch import rundir
 
     run = prepare(["train.max_steps=10", f"hydra.run.dir={tmp_path / 'run'}"], local_gpus=0)
     rundir.write_files(run.run_dir, run.files)
@@ -131,8 +131,8 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def test_fp16_on_cpu_ranks_needs_native_fp16(tmp_path):
-    from launcher.topology import resolve_topology
-    from launcher.validate import check_cpu_precision
+    from launcher.config.topology import resolve_topology
+    from launcher.config.validate import check_cpu_precision
 
     run = prepare(["precision=fp16", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
     topo = resolve_topology(run.cfg, 0)

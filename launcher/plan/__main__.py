@@ -41,19 +41,14 @@ def split_format(argv: Sequence[str]) -> tuple[list[str], str]:
 
 def load(overrides: Sequence[str]):
     """Compose, adopt a model.path's architecture, resolve the topology and validate, as the launcher does."""
-    import os
-
-    from launcher.compose import compose
-    from launcher.topology import detect_local_gpus, resolve_topology
-    from launcher.validate import validate
+    from launcher.config.compose import compose
+    from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
+    from launcher.config.topology import detect_local_gpus, resolve_topology
+    from launcher.config.validate import validate
 
     cfg, _ = compose(overrides)
-    if cfg.model.path is not None:
-        from launcher.cli import _absolutize_paths, _adopt_hf_architecture
-
-        _absolutize_paths(cfg)
-        if os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-            _adopt_hf_architecture(cfg)
+    absolutize_paths(cfg)
+    adopt_hf_architecture(cfg)
     topo = resolve_topology(cfg, detect_local_gpus())
     validate(cfg, topo)
     return cfg, topo

@@ -8,11 +8,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology, batch_shape
 from launcher.plan.capacity import Capacity, capacity
 from launcher.plan.memory import GIB, MemoryBreakdown, Setup, estimate_memory
 from launcher.plan.params import ModelShape, count_params, flops_per_token
 from launcher.plan.perf import StepEstimate, estimate_step
-from launcher.topology import Topology, batch_shape
 
 GRID = [
     Setup(zero_stage=stage, offload=offload, ac_every=ac)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology
 from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, HOST_OS_RESERVE_GIB
-from launcher.topology import Topology
 
 
 @dataclass(frozen=True)

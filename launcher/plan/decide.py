@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 from launcher.plan.candidates import Row, evaluate
 from launcher.plan.capacity import Capacity, capacity
 from launcher.plan.memory import GIB, Setup
-from launcher.topology import Topology
 
 # zero=auto only picks a setup predicted to use at most this share of the usable memory (the plan's target
 # error is 10%), unless nothing else fits.

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology
 from launcher.plan.params import ModelShape, ParamCounts, count_params
-from launcher.topology import Topology
 
 GIB = 1024**3
 
@@ -93,7 +93,7 @@ def precision_bytes(name: str) -> Precision:
 
 
 def checkpointed_layers(layers: int, every: int) -> int:
-    """Layers 0, k, 2k, ... are checkpointed (launcher.ds_config.checkpointed_layers does the same)."""
+    """Layers 0, k, 2k, ... are checkpointed (launcher.render.ds_config.checkpointed_layers does the same)."""
     return 0 if every <= 0 else len(range(0, layers, every))
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology
 from launcher.plan.memory import Setup, checkpointed_layers, precision_bytes
 from launcher.plan.params import ModelShape, count_params, flops_per_token
-from launcher.topology import Topology
 
 # Fraction of dense peak that the matmul-bound compute reaches (torchtitan reports 57% MFU for
 # Llama-3-8B on A100s; DeepSpeed ZeRO-3 7B runs report ~40% all-in).

@@ -24,7 +24,8 @@ def main() -> int:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from launcher.worker.train import Context, StopRun, train, write_status
+    from launcher.worker.status import StopRun, write_status
+    from launcher.worker.train import Context, train
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     ds_path = run_dir / "ds_config.json"
@@ -54,7 +55,7 @@ def main() -> int:
 
 def _remove_own_shm_file() -> None:
     """Every peer has mapped it long ago; unlinking the name only stops the 66 MiB from outliving us."""
-    from launcher.shm import remove_shm_files
+    from launcher.launch.shm import remove_shm_files
 
     port, addr, rank = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR"), os.environ.get("RANK")
     if port and addr and rank:

@@ -127,11 +127,11 @@ def encode(tokenizer, texts: List[str]) -> Sequence[Sequence[int]]:
 
 def _is_byte_identity(tokenizer) -> bool:
     """A byte-level BPE with no merges whose vocabulary maps GPT-2's byte alphabet to the byte values, with
-    nothing normalised or prefixed (launcher.worker.tokenizer.byte_tokenizer): its ids are the UTF-8 bytes."""
+    nothing normalised or prefixed (launcher.models.tokenizer.byte_tokenizer): its ids are the UTF-8 bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False
-    from launcher.worker.tokenizer import _bytes_to_unicode
+    from launcher.models.tokenizer import _bytes_to_unicode
 
     try:
         spec = json.loads(backend.to_str())

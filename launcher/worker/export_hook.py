@@ -19,7 +19,7 @@ EXPORT_DIR = "hf"
 def export_at_end(ctx: Any, engine: Any) -> None:
     import torch.distributed as dist
 
-    from launcher.worker.train import EXIT_USER_ERROR, StopRun
+    from launcher.worker.status import EXIT_USER_ERROR, StopRun
 
     dist.barrier()  # every rank is done with training and the final checkpoint
     minutes = int(os.environ.get("LAUNCHER_EXPORT_TIMEOUT_MIN", "720"))
@@ -36,7 +36,8 @@ def export_at_end(ctx: Any, engine: Any) -> None:
 
 def _export(ctx: Any) -> Any:
     """Rank 0: export, print the outcome; returns an error message, or None on success."""
-    from launcher.consolidate import ExportError, export, summary
+    from launcher.errors import ExportError
+    from launcher.export.hf_dir import export, summary
 
     def log(line: str) -> None:
         print(f"[launcher] export: {line.strip()}", flush=True)

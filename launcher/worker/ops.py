@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from launcher.jit_locks import check_jit_locks
+from launcher.launch.jit_locks import check_jit_locks
 
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,22 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launcher.models.tokenizer import load_tokenizer
 from launcher.worker import act_ckpt, ckpt, metrics, signals
 from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
 from launcher.worker.model import build_model, count_parameters
-from launcher.worker.tokenizer import load_tokenizer
-
-EXIT_USER_ERROR = 2
-EXIT_LOSS_SCALE_COLLAPSE = 3
-
-
-class StopRun(Exception):
-    """A clear, expected stop: message for the user, exit code, status state."""
-
-    def __init__(self, message: str, code: int, state: str = "failed") -> None:
-        super().__init__(message)
-        self.code = code
-        self.state = state
+from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, write_status
 
 
 @dataclass
@@ -41,12 +28,6 @@ class Context:
     ds: Dict[str, Any]
     rank: int
     world: int
-
-
-def write_status(run_dir: Path, state: str, step: int, message: str = "") -> None:
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "step": step, "message": message}) + "\n")
-    os.replace(tmp, run_dir / "status.json")
 
 
 def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from launcher.cli import prepare
+from launcher.prepare import prepare
 from launcher.worker import act_ckpt
 from launcher.worker.model import build_model
 

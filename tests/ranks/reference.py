@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from launcher.models.tokenizer import load_tokenizer
 from launcher.worker.data import SampleOrder, build_packed
 from launcher.worker.model import build_model
-from launcher.worker.tokenizer import load_tokenizer
 
 
 def main() -> None:

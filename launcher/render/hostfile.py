@@ -10,49 +10,29 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from launcher import rundir
-from launcher.command import PACKAGE_ROOT, launch_script, worker_args
+from launcher.config.hostfile import read_hostfile
+from launcher.config.topology import Topology
 from launcher.errors import ConfigError
-from launcher.topology import Topology
+from launcher.render import rundir
+from launcher.render.command import PACKAGE_ROOT, launch_script, worker_args
 
-_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
-
-
-def parse_hostfile(text: str) -> List[Tuple[str, int]]:
-    """Pure: [(host, slots)] in file order; comments (#) and blank lines are skipped."""
-    hosts: List[Tuple[str, int]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = _LINE.match(line)
-        if not m or int(m.group(2)) < 1:
-            raise ConfigError("cluster.hostfile", f"line {number} '{raw.strip()}' is not 'host slots=N'")
-        if m.group(1) in (h for h, _ in hosts):
-            raise ConfigError("cluster.hostfile", f"line {number}: host {m.group(1)} is listed twice")
-        hosts.append((m.group(1), int(m.group(2))))
-    if not hosts:
-        raise ConfigError("cluster.hostfile", "lists no hosts; write one 'host slots=N' line per node")
-    return hosts
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def read_hostfile(path: str) -> List[Tuple[str, int]]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("cluster.hostfile", f"cannot read {path}: {exc.strerror}") from None
-    return parse_hostfile(text)
-
-
-def adopt_hostfile(cfg: DictConfig) -> None:
-    """cluster.nodes = the hostfile's hosts (before the topology is resolved)."""
-    if not cfg.cluster.hostfile:
-        raise ConfigError("cluster.hostfile", "cluster=hostfile needs cluster.hostfile=<path to a hostfile>")
-    cfg.cluster.nodes = len(read_hostfile(cfg.cluster.hostfile))
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    """DeepSpeed hostfile: one "host slots=N" line per node, in node-rank order."""
+    if slots < 1:
+        raise ConfigError("hostfile", f"slots must be >= 1, got {slots}")
+    for host in hosts:
+        if not _HOST.match(host):
+            raise ConfigError("hostfile", f"'{host}' is not a host name")
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError("hostfile", f"duplicate host in {', '.join(hosts)}")
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
 def hostfile_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: int) -> List[str]:

@@ -8,10 +8,11 @@ from typing import Dict, List, Mapping
 
 from omegaconf import DictConfig
 
-from launcher.topology import Topology
+from launcher.config.topology import Topology
 
 WORKER_MODULE = "launcher.worker"
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+# The directory that holds the `launcher` package (this file is launcher/render/command.py).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: int) -> Dict[str, str]:

@@ -2,7 +2,7 @@
 
 Turns a run's ZeRO checkpoint (any stage; default: the newest complete one) into a Hugging Face model
 directory that `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load
-offline. The work is in launcher/consolidate.py; this module only parses arguments and reports. User errors
+offline. The work is in launcher/export/hf_dir.py; this module only parses arguments and reports. User errors
 are one `error: ...` line on stderr and exit code 2, before torch is even imported.
 """
 
@@ -48,7 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0
-    from launcher.consolidate import DEFAULT_MAX_SHARD_SIZE, ExportError, eprint, export, summary
+    from launcher.errors import ExportError
+    from launcher.export.hf_dir import eprint, export, summary
+    from launcher.export.shards import DEFAULT_MAX_SHARD_SIZE
 
     _quiet_cpu_accelerator()
 

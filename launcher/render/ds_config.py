@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig
 
-from launcher.topology import Topology, batch_shape
+from launcher.config.topology import Topology, batch_shape
 
 # We log through metrics.jsonl; DeepSpeed's own per-N-steps print would duplicate it.
 STEPS_PER_PRINT = 1_000_000

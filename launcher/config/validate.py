@@ -8,8 +8,8 @@ from typing import List
 
 from omegaconf import DictConfig
 
+from launcher.config.topology import Topology
 from launcher.errors import ConfigError
-from launcher.topology import Topology
 
 POSITIVE_INTS = (
     "train.micro_batch_size",

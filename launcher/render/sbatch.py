@@ -1,6 +1,6 @@
 """SLURM renders: the per-run sbatch script, DeepSpeed hostfiles and the per-node no-ssh runner argv.
 
-Pure: config and paths in, text out; no I/O, no subprocess (submitting lives in launcher.slurm_job).
+Pure: config and paths in, text out; no I/O, no subprocess (submitting lives in launcher.launch.slurm).
 Every value that reaches a shell line is quoted with shlex.quote, so an override such as
 `name='$(touch x)'` stays text. `cluster.setup` lines are the one exception: they are shell code by design.
 
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig
 
-from launcher.command import worker_args
+from launcher.config.topology import Topology, batch_shape
 from launcher.errors import ConfigError
-from launcher.topology import Topology, batch_shape
+from launcher.render import rundir
+from launcher.render.command import PACKAGE_ROOT, rank_environment, worker_args
 
 # MASTER_PORT = base + job id % span: distinct for jobs that share a node, stable across a requeue
 # (same job id), and below Linux's ephemeral range (32768+).
@@ -30,7 +33,6 @@ PORT_SPAN = 10000
 MAX_SIGNAL_SECONDS = 65535
 # [days-]hours:minutes:seconds and the shorter forms sbatch accepts; UNLIMITED/INFINITE.
 _TIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?|UNLIMITED|INFINITE)$", re.IGNORECASE)
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ShellVar(str):
@@ -68,18 +70,6 @@ class JobPaths:
 
 def master_port(cfg: DictConfig) -> Arg:
     return str(cfg.cluster.master_port) if cfg.cluster.master_port else MASTER_PORT
-
-
-def hostfile_text(hosts: Sequence[str], slots: int) -> str:
-    """DeepSpeed hostfile: one "host slots=N" line per node, in node-rank order."""
-    if slots < 1:
-        raise ConfigError("hostfile", f"slots must be >= 1, got {slots}")
-    for host in hosts:
-        if not _HOST.match(host):
-            raise ConfigError("hostfile", f"'{host}' is not a host name")
-    if len(set(hosts)) != len(hosts):
-        raise ConfigError("hostfile", f"duplicate host in {', '.join(hosts)}")
-    return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
 def nossh_runner_args(
@@ -307,3 +297,35 @@ def _opt(key: str, flag: str, value: object) -> str:
     text = str(value)
     _check_line(key, text)
     return f"{flag}={shlex.quote(text)}"
+
+
+def sbatch_name(name: str) -> str:
+    """<name>.sbatch with anything unusual in the run name replaced (the name itself stays in --job-name)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return f"{stem or 'run'}.sbatch"
+
+
+def slurm_files(
+    cfg: DictConfig,
+    topo: Topology,
+    run_dir: Path,
+    files: Mapping[str, str],
+    deepspeed_bin: str,
+    cpus_per_node: Optional[int] = None,
+) -> Tuple[List[str], Dict[str, str]]:
+    """The run dir for cluster=slurm: <name>.sbatch instead of launch.sh. Returns (command, files)."""
+    script = run_dir / sbatch_name(cfg.name)
+    cpus = cpus_per_node or cpus_per_task(topo) or 1
+    paths = JobPaths(
+        run_dir=str(run_dir),
+        script=str(script),
+        deepspeed=deepspeed_bin,
+        python=sys.executable,
+        pythonpath=PACKAGE_ROOT,
+        bin_dir=str(Path(sys.executable).parent),
+    )
+    command = ["sbatch", str(script)]
+    out = {k: v for k, v in files.items() if k != "launch.sh"}
+    out[script.name] = sbatch_script(cfg, topo, rank_environment(cfg, topo, cpus), paths)
+    out["run.json"] = rundir.to_json(rundir.run_info(sys.argv, command))
+    return command, out

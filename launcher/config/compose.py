@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The `launcher` package directory (this file is launcher/config/compose.py).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def config_dir() -> Path:
@@ -36,7 +37,7 @@ def compose(overrides: Sequence[str]) -> Tuple[DictConfig, str]:
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    from launcher.schema import register_schemas
+    from launcher.config.schema import register_schemas
 
     register_schemas()
     try:
@@ -110,7 +111,7 @@ def _explain_omegaconf_error(exc: BaseException) -> Tuple[str, str]:
 def _unknown_key_message(key: str) -> str:
     import dataclasses
 
-    from launcher.schema import LauncherConfig
+    from launcher.config.schema import LauncherConfig
 
     node: object = LauncherConfig
     for part in key.split(".")[:-1]:

@@ -2,7 +2,7 @@
 
 Each group in `conf/` (zero, offload, activation_checkpointing, precision, model, hardware, cluster)
 merges into one of these dataclasses, so OmegaConf rejects unknown keys and wrong types while composing.
-Cross-field rules (batch arithmetic, combinations) live in `launcher.validate`.
+Cross-field rules (batch arithmetic, combinations) live in `launcher.config.validate`.
 This module imports neither torch nor deepspeed: it runs on the submitting host.
 """
 

@@ -1,0 +1,48 @@
+"""Facts the composed config adopts before validation: absolute paths, and the architecture in a model dir's
+config.json (so planning and checks see the real model). Reads only the files the config names."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from omegaconf import DictConfig
+
+from launcher.errors import ConfigError
+
+HF_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+
+
+def absolutize_paths(cfg: DictConfig) -> None:
+    # launch.sh runs the ranks inside the run dir, so relative paths must be made absolute here.
+    for node, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "cache_dir"), (cfg.cluster, "hostfile")):
+        if node[key] is not None:
+            node[key] = os.path.abspath(os.path.expanduser(str(node[key])))
+
+
+def adopt_hf_architecture(cfg: DictConfig) -> None:
+    """With model.path, the architecture comes from its config.json (so planning and checks see it)."""
+    if cfg.model.path is None or not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        return
+    path = os.path.join(cfg.model.path, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.path", f"cannot read {path}: {exc}") from None
+    for key in HF_ARCH_KEYS:
+        if key in hf and hf[key] is not None:
+            cfg.model[key] = hf[key]
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        cfg.model.rope_theta = float(theta)

@@ -1,0 +1,112 @@
+"""SLURM on the submitting side and inside the job: `sbatch` submission, and the allocation the job was given
+(nodes, GPUs and CPUs per node) checked against the config. The in-job entry is launcher/slurm_job.py."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from launcher.config.topology import Topology
+from launcher.errors import ConfigError
+from launcher.render.sbatch import sbatch_name
+
+EXIT_USER_ERROR = 2
+
+
+def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
+    """cluster=slurm after the run dir is written: print the script (dry run) or hand it to sbatch."""
+    script = run_dir / sbatch_name(cfg.name)
+    if cfg.dry_run:
+        print(f"dry run, nothing submitted. {script}:")
+        print(files[script.name], end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        print(f"error: sbatch is not on PATH; submit from a SLURM login node with: sbatch {script}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"error: sbatch refused {script}: {proc.stderr.strip()}", file=sys.stderr)
+        return proc.returncode
+    job_id = proc.stdout.strip().split(";")[0]
+    print(
+        f"submitted job {job_id}: {script}\n"
+        f"  watch:  squeue -j {job_id}; tail -f {run_dir}/slurm-{job_id}.out\n"
+        f"  stop:   scancel {job_id}   (the ranks checkpoint on SIGTERM)\n"
+        f"  resume: sbatch {script}   (continues from the last checkpoint)"
+    )
+    return 0
+
+
+@dataclass(frozen=True)
+class Allocation:
+    job_id: str
+    nodes: int
+    gpus_per_node: int
+    cpus_per_node: int
+
+
+def allocation_from_env(env: Mapping[str, str]) -> Allocation:
+    """What the job was given, from SLURM's variables in the batch step."""
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        raise ConfigError(
+            "slurm", "not inside a SLURM job; submit with: sbatch [--nodes=N] slurm/train.sbatch [overrides]"
+        )
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    gpus = _count_gpus(env.get("SLURM_GPUS_ON_NODE"))
+    if gpus is None:
+        gpus = _count_gpus(env.get("SLURM_GPUS_PER_NODE"))
+    cpus = int(str(env.get("SLURM_CPUS_ON_NODE") or "1").split("(")[0])
+    return Allocation(job_id, nodes, gpus or 0, cpus)
+
+
+def _count_gpus(value: Optional[str]) -> Optional[int]:
+    """GPUs in "8", "h100:8" or "h100:8(S:0-1)" (-> 8); None when unset."""
+    if value is None or not value.strip():
+        return None
+    m = re.match(r"^(?:[^:,]*:)?(\d+)", value.strip())
+    return int(m.group(1)) if m else None
+
+
+def job_overrides(argv: Sequence[str], alloc: Allocation) -> List[str]:
+    """The user's overrides plus what the allocation decides; conflicting overrides are errors."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if key == "cluster" and value != "slurm":
+            raise ConfigError("cluster", f"slurm/train.sbatch runs cluster=slurm; drop '{arg}'")
+        if key == "cluster.nodes" and value.strip() != str(alloc.nodes):
+            raise ConfigError(
+                "cluster.nodes",
+                f"{value} but the allocation has {alloc.nodes} node(s); submit with sbatch --nodes={value} "
+                "or drop cluster.nodes (it comes from the allocation)",
+            )
+    return ["cluster=slurm", *argv, f"cluster.nodes={alloc.nodes}"]
+
+
+def check_allocation(cfg: DictConfig, topo: Topology, alloc: Allocation) -> List[str]:
+    """The hardware profile against the allocation; returns note lines."""
+    want = cfg.hardware.gpus_per_node
+    if want is not None and alloc.gpus_per_node != want:
+        raise ConfigError(
+            "hardware",
+            f"hardware={cfg.hardware.name} runs {want} GPU ranks per node but the allocation has "
+            f"{alloc.gpus_per_node} GPU(s) per node; submit with --gpus-per-node={want}, or pick the profile "
+            "of these nodes (hardware=local takes what the allocation has)",
+        )
+    if topo.nodes != alloc.nodes:
+        raise ConfigError("cluster.nodes", f"{topo.nodes} but the allocation has {alloc.nodes} node(s)")
+    notes = []
+    if topo.accelerator == "cpu" and alloc.cpus_per_node < topo.ranks_per_node:
+        notes.append(
+            f"note: {topo.ranks_per_node} CPU ranks per node share {alloc.cpus_per_node} CPU(s); submit with "
+            f"--cpus-per-task={topo.ranks_per_node} or set hardware.cpu_ranks={alloc.cpus_per_node}"
+        )
+    return notes

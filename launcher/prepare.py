@@ -1,0 +1,121 @@
+"""Prepare a run: compose -> resolve auto -> validate -> preflight -> render, writing nothing.
+
+One PreparedRun, used alike by the CLI (`python -m launcher`) and the SLURM job entry
+(`python -m launcher.slurm_job`), so both launch exactly the same way. No torch, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, open_dict
+
+from launcher.config.compose import compose
+from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
+from launcher.config.topology import Topology, detect_local_gpus, resolve_topology
+from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
+from launcher.errors import ConfigError
+from launcher.launch import rundir as rundir_io
+from launcher.launch.host import cpu_flags, deepspeed_executable, free_port
+from launcher.render import rundir
+from launcher.render.command import deepspeed_args, launch_script, rank_environment
+from launcher.render.ds_config import build_ds_config
+
+
+@dataclass
+class PreparedRun:
+    cfg: DictConfig
+    topo: Topology
+    run_dir: Path
+    files: Dict[str, str]
+    command: List[str]
+    notes: List[str]
+
+
+def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True) -> PreparedRun:
+    """Compose and validate the config and render every artifact, writing nothing."""
+    cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
+    auto_note = None
+    if cfg.zero.auto or cfg.activation_checkpointing.name == "auto":
+        overrides, auto_note = _resolve_auto(cfg, topo, overrides)
+        cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
+        with open_dict(cfg.notes):
+            cfg.notes["auto"] = auto_note
+    notes = validate(cfg, topo)
+    if not cfg.dry_run:
+        check_node_has_gpus(cfg, topo, local_gpus)
+        check_cpu_precision(cfg, topo, cpu_flags())
+        check_monitor_packages(cfg)
+    notes += _preflight(cfg, topo)
+    if auto_note:
+        notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
+    run_dir = Path(run_dir_text).resolve()
+    if check_resume:
+        rundir_io.check_resumable(run_dir, cfg)
+
+    ds = build_ds_config(cfg, topo)
+    port = cfg.cluster.master_port or free_port()
+    env = rank_environment(cfg, topo, os.cpu_count() or 1)
+    deepspeed_bin = deepspeed_executable()
+    args = deepspeed_args(cfg, topo, str(run_dir), port)
+    command = [deepspeed_bin, *args]
+    files = {
+        "config.yaml": rundir.config_yaml(cfg),
+        "ds_config.json": rundir.to_json(ds),
+        "launch.sh": launch_script(env, deepspeed_bin, args, str(run_dir)),
+        "run.json": rundir.to_json(rundir.run_info(sys.argv, command)),
+    }
+    if cfg.cluster.name == "slurm":
+        from launcher.render.sbatch import slurm_files
+
+        command, files = slurm_files(cfg, topo, run_dir, files, deepspeed_bin)
+    elif cfg.cluster.name == "hostfile":
+        from launcher.render.hostfile import hostfile_files
+
+        command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
+    return PreparedRun(cfg, topo, run_dir, files, command, notes)
+
+
+def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None):
+    """Compose, make paths absolute, adopt model.path / hostfile facts, and resolve the world shape.
+    Returns (cfg, run dir text, topology, local GPU count)."""
+    cfg, run_dir_text = compose(overrides)
+    absolutize_paths(cfg)
+    adopt_hf_architecture(cfg)
+    if cfg.cluster.name == "hostfile":
+        from launcher.config.hostfile import adopt_hostfile
+
+        adopt_hostfile(cfg)  # cluster.nodes = the hostfile's hosts
+    if local_gpus is None and cfg.cluster.name == "slurm":
+        local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
+    local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
+    return cfg, run_dir_text, resolve_topology(cfg, local_gpus), local_gpus
+
+
+def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):
+    """zero=auto / activation_checkpointing=auto: the planner's fastest setup predicted to fit, as overrides."""
+    from launcher.plan import choose_auto
+
+    auto_zero = bool(cfg.zero.auto)
+    auto_offload = auto_zero and not any(o.startswith("offload=") for o in overrides)
+    auto_ac = cfg.activation_checkpointing.name == "auto"
+    choice = choose_auto(cfg, topo, auto_zero=auto_zero, auto_offload=auto_offload, auto_ac=auto_ac)
+    decided = (("zero",) if auto_zero else ()) + (("offload",) if auto_offload else ()) + (
+        ("activation_checkpointing",) if auto_ac else ())
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in decided
+            and not (auto_ac and o.startswith("activation_checkpointing.every_n_layers="))]
+    return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
+
+
+def _preflight(cfg: DictConfig, topo: Topology) -> List[str]:
+    """Refuse a config the planner predicts will not fit (force=true launches anyway)."""
+    from launcher.plan import preflight
+
+    result = preflight(cfg, topo)
+    if not result.fits and not cfg.force:
+        raise ConfigError("plan", f"{result.message}; force=true launches anyway")
+    return [f"plan: {result.message}" if not result.message.startswith("plan") else result.message]
