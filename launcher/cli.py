@@ -6,11 +6,13 @@ bad override costs a second, not a queue wait. User errors are one line on stder
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
 from launcher.config.topology import batch_shape
 from launcher.errors import ConfigError
+from launcher.launch import lock
 from launcher.launch.rundir import write_files
 from launcher.prepare import prepare
 
@@ -24,14 +26,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(override_reference())
         return 0
+    holder = lock.local_holder(os.getpid())
     try:
         run = prepare(argv)
+        # One live run per run dir: taken before anything in it is rewritten (held by the runner's session
+        # once it starts; a dry run or a SLURM submission only checks it).
+        lock.acquire(run.run_dir, holder)
+        try:
+            write_files(run.run_dir, run.files, executable=("launch.sh",))
+        except OSError as exc:
+            lock.release(run.run_dir, holder)
+            raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "
+                              "hydra.run.dir or name=") from None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     for note in run.notes:
         print(note, file=sys.stderr)
-    write_files(run.run_dir, run.files, executable=("launch.sh",))
+    os.environ.update(run.secret_env)  # passed to the ranks by name (launch.sh / .sbatch), never written
+    if run.cfg.dry_run or run.cfg.cluster.name == "slurm":
+        lock.release(run.run_dir, holder)  # the job takes it itself when it starts
     shape = batch_shape(run.cfg, run.topo)
     print(
         f"run dir: {run.run_dir}\n"

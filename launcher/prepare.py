@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, open_dict
 
+from launcher.config import secrets
 from launcher.config.compose import compose
 from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
 from launcher.config.topology import Topology, detect_local_gpus, resolve_topology
@@ -34,6 +35,8 @@ class PreparedRun:
     files: Dict[str, str]
     command: List[str]
     notes: List[str]
+    # Secret variables the ranks need (hardware.nccl_env): exported by name, put in the launch's environment.
+    secret_env: Dict[str, str] = field(default_factory=dict)
 
 
 def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True) -> PreparedRun:
@@ -77,7 +80,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         from launcher.render.hostfile import hostfile_files
 
         command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
-    return PreparedRun(cfg, topo, run_dir, files, command, notes)
+    return PreparedRun(cfg, topo, run_dir, files, command, notes, secrets.split_env(env)[1])
 
 
 def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None):

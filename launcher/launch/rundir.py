@@ -5,6 +5,7 @@ A run dir explains itself: everything needed to understand or rerun a job sits n
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any, Dict, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.config import secrets
 from launcher.errors import ConfigError
+from launcher.launch.settle import appended_run_json
 from launcher.render.rundir import redact_config
 
 # Keys a resumed run may change; anything else must match the run dir's config.yaml.
@@ -43,12 +46,18 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    try:
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    except Exception as exc:  # noqa: BLE001 - any parse/interpolation error: the file is not a config we wrote
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("name", f"{saved_path} is not a readable config ({first}); restore it, or start a "
+                          "new run with name=<new name>") from None
     new = _flatten(redact_config(cfg))
     changed = [
         k
         for k in sorted(set(saved) | set(new))
         if saved.get(k) != new.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
+        and secrets.REDACTED not in (saved.get(k), new.get(k))  # a secret is not compared (nor written)
     ]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)} -> {new.get(k)}" for k in changed[:4])
@@ -70,9 +79,12 @@ def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def write_files(run_dir: Path, files: Mapping[str, str], executable: Sequence[str] = ()) -> None:
-    """Write each file atomically (temp file + rename): a crash never leaves a half-written artifact."""
+    """Write each file atomically (temp file + rename): a crash never leaves a half-written artifact.
+    run.json is one launch's entry, appended to the launches already recorded there."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
+        if name == "run.json":
+            text = appended_run_json(run_dir, json.loads(text))
         fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -8,7 +8,9 @@ from typing import Dict, List, Mapping
 
 from omegaconf import DictConfig
 
+from launcher.config import secrets
 from launcher.config.topology import Topology
+from launcher.errors import ConfigError
 
 WORKER_MODULE = "launcher.worker"
 # The directory that holds the `launcher` package (this file is launcher/render/command.py).
@@ -24,8 +26,22 @@ def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: int) -> Dic
         # step times jump 20x on a 2-core node.
         env["OMP_NUM_THREADS"] = str(max(1, cpus_per_node // topo.ranks_per_node))
     else:
-        env.update({str(k): str(v) for k, v in cfg.hardware.nccl_env.items()})
+        for key, value in cfg.hardware.nccl_env.items():
+            if not secrets.ENV_NAME.match(str(key)):
+                raise ConfigError(f"hardware.nccl_env.{key}", "is not an environment variable name "
+                                  "([A-Za-z_][A-Za-z0-9_]*)")
+            env[str(key)] = str(value)
     return env
+
+
+def export_lines(env: Mapping[str, str]) -> List[str]:
+    """`export K=V` lines; a secret is exported by name from the environment of whoever runs the script (the
+    launcher puts it there), so its value is never written."""
+    public, secret = secrets.split_env(env)
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(public.items())]
+    lines += [f': "${{{k}:?set {k} in the environment (passed by name, never written here)}}"; export {k}'
+              for k in sorted(secret)]
+    return lines
 
 
 def deepspeed_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: int) -> List[str]:
@@ -48,6 +64,6 @@ def launch_script(env: Mapping[str, str], deepspeed_bin: str, args: List[str], r
         f"cd {shlex.quote(run_dir)}",
         f'export PYTHONPATH={shlex.quote(PACKAGE_ROOT)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
     ]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines += export_lines(env)
     lines.append("exec " + " ".join(shlex.quote(a) for a in [deepspeed_bin, *args]))
     return "\n".join(lines) + "\n"

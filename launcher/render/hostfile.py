@@ -14,6 +14,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 from omegaconf import DictConfig
 
+from launcher.config import secrets
 from launcher.config.hostfile import read_hostfile
 from launcher.config.topology import Topology
 from launcher.errors import ConfigError
@@ -55,7 +56,11 @@ def hostfile_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: in
 def deepspeed_env_text(env: Mapping[str, str], bin_dir: str) -> str:
     """`.deepspeed_env` for the pdsh runner: KEY=VALUE lines it exports on every host (inside double quotes,
     so $PATH expands there)."""
-    lines = {"PATH": f"{bin_dir}:$PATH", "PYTHONPATH": PACKAGE_ROOT, **env}
+    public, secret = secrets.split_env(env)
+    for key in secret:
+        raise ConfigError(f"hardware.nccl_env.{key}", "is a secret, which would be written to .deepspeed_env to reach "
+                          "the other hosts; set it in each host's shell profile and drop it here")
+    lines = {"PATH": f"{bin_dir}:$PATH", "PYTHONPATH": PACKAGE_ROOT, **public}
     for key, value in lines.items():
         if re.search(r'["`\\\n]', value) or ("$" in value and key != "PATH"):
             raise ConfigError(key, f"{value!r} cannot pass through .deepspeed_env (quotes, $, backslash, newline)")

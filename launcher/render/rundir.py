@@ -9,33 +9,34 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import re
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-SECRET_PATTERN = re.compile(r"(api_?key|token|secret|password|passwd)", re.IGNORECASE)
+from launcher.config import secrets
+
 PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "datasets", "hydra-core")
 
 
 def redact(text: str) -> str:
-    """Hide values of secret-looking overrides (`wandb.api_key=...` -> `wandb.api_key=<redacted>`)."""
-    return re.sub(r"([\w.]*" + SECRET_PATTERN.pattern + r"[\w.]*=)(\S+)", r"\1<redacted>", text, flags=re.I)
+    """Hide secrets in a command-line word (`wandb.api_key=...` -> `wandb.api_key=<redacted>`)."""
+    return secrets.mask_text(text)
 
 
 def redact_config(cfg: DictConfig) -> Dict[str, Any]:
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: ("<redacted>" if SECRET_PATTERN.search(str(k)) else walk(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
+    return secrets.mask(OmegaConf.to_container(cfg, resolve=True))
 
-    return walk(OmegaConf.to_container(cfg, resolve=True))
+
+def resume_command(argv: Sequence[str]) -> Tuple[str, List[str]]:
+    """`python -m launcher <overrides>` to resume, without train.max_steps and without any override that
+    carries a secret (no placeholder to paste back in); returns (command, the keys left out)."""
+    kept, left_out = secrets.public_argv([a for a in argv if not a.startswith("train.max_steps=")])
+    return " ".join(["python -m launcher", *(shlex.quote(a) for a in kept)]), left_out
 
 
 def config_yaml(cfg: DictConfig) -> str:
@@ -50,11 +51,11 @@ def run_info(argv: Sequence[str], command: List[str]) -> Dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {
+        "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": _git_sha(),
         "versions": versions,
         "python": sys.version.split()[0],
         "host": socket.gethostname(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": [redact(a) for a in argv],
         "command": [redact(a) for a in command],
     }
