@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from launcher.errors import ConfigError
+from launcher.launch import lock
 from launcher.launch.host import deepspeed_executable
 from launcher.launch.rundir import write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
@@ -34,12 +35,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
         )
+        # One live run per run dir, held by this job (a requeued attempt takes its own lock back).
+        lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
+        try:
+            write_files(run.run_dir, files)
+        except OSError as exc:
+            raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "
+                              "hydra.run.dir or name=") from None
     except ConfigError as exc:
         print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     for note in notes:
         print(note, file=sys.stderr)
-    write_files(run.run_dir, files)
+    os.environ.update(run.secret_env)  # the script exports them by name; never written
     script = run.run_dir / sbatch_name(run.cfg.name)
     print(
         f"launcher: job {alloc.job_id}: {alloc.nodes} node(s), {alloc.gpus_per_node} GPU(s) and "

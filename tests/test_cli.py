@@ -36,8 +36,8 @@ def test_dry_run_artifacts(run_dir):
     assert command.startswith("exec ") and "deepspeed --num_gpus 2 --num_nodes 1 --master_port 29555" in command
     assert command.endswith(f"--no_local_rank --module launcher.worker --run-dir {run_dir}")
     assert "export DS_ACCELERATOR=cpu" in launch and "export OMP_NUM_THREADS=" in launch
-    info = json.loads((run_dir / "run.json").read_text())
-    assert set(info) >= {"git_sha", "versions", "host", "time", "argv", "command"}
+    info = json.loads((run_dir / "run.json").read_text())["launches"][-1]
+    assert set(info) >= {"git_sha", "versions", "host", "start", "argv", "command"}
     assert info["versions"]["deepspeed"] and info["command"][-1] == str(run_dir)
     assert command.split(" ", 1)[1] in res.stdout.replace("\n", " ") or info["command"][1] == "--num_gpus"
     # nothing was launched

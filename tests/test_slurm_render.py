@@ -170,7 +170,8 @@ def test_cli_dry_run_writes_sbatch_next_to_config(tmp_path: Path) -> None:
     assert len(script) == 1
     text = (run_dir / script[0]).read_text()
     assert text in r.stdout and "#SBATCH --nodes=4" in text and "#SBATCH --gpus-per-node=8" in text
-    assert json.loads((run_dir / "run.json").read_text())["command"] == ["sbatch", str(run_dir / script[0])]
+    launch = json.loads((run_dir / "run.json").read_text())["launches"][-1]
+    assert launch["command"] == ["sbatch", str(run_dir / script[0])]
 
 
 @pytest.mark.parametrize(
@@ -264,6 +265,7 @@ def test_rendered_script_runs_with_nasty_values(tmp_path: Path) -> None:
         "SLURM_CPUS_ON_NODE": "2",
         "LOG": str(tmp_path / "log"),
         "HOME": str(tmp_path),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),  # the job's lock and settle steps
     }
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -18,6 +18,7 @@ from launcher.errors import ConfigError
 from launcher.render.sbatch import sbatch_name
 
 EXIT_USER_ERROR = 2
+SLURM_TIMEOUT_S = 60
 
 
 def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
@@ -30,7 +31,14 @@ def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
     if shutil.which("sbatch") is None:
         print(f"error: sbatch is not on PATH; submit from a SLURM login node with: sbatch {script}", file=sys.stderr)
         return EXIT_USER_ERROR
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+    try:
+        # sbatch passes this environment on (--export=ALL): secret variables reach the job by name.
+        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False,
+                              timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"error: sbatch did not answer within {SLURM_TIMEOUT_S} s (slurmctld busy or down?); retry with: "
+              f"sbatch {script}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if proc.returncode != 0:
         print(f"error: sbatch refused {script}: {proc.stderr.strip()}", file=sys.stderr)
         return proc.returncode
@@ -38,7 +46,8 @@ def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
     print(
         f"submitted job {job_id}: {script}\n"
         f"  watch:  squeue -j {job_id}; tail -f {run_dir}/slurm-{job_id}.out\n"
-        f"  stop:   scancel {job_id}   (the ranks checkpoint on SIGTERM)\n"
+        f"  stop:   scancel --signal=USR1 {job_id}   (the ranks checkpoint and stop; plain scancel gives them "
+        "only the site's KillWait, see docs/slurm.md)\n"
         f"  resume: sbatch {script}   (continues from the last checkpoint)"
     )
     return 0

@@ -10,6 +10,11 @@ from typing import Dict
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+
+class TokenizerError(Exception):
+    """model.path holds no loadable tokenizer: a user error (one line, exit code 2), not a traceback."""
+
+
 SPECIALS = ("<s>", "</s>", "<pad>")
 BYTE_VOCAB = 256 + len(SPECIALS)
 
@@ -46,5 +51,6 @@ def load_tokenizer(model_path: str | None) -> PreTrainedTokenizerBase:
         return byte_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: model.path: cannot load a tokenizer from {model_path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, a missing sentencepiece...: one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TokenizerError(f"model.path: cannot load a tokenizer from {model_path}: {first}") from None

@@ -25,17 +25,12 @@ from launcher.config.topology import Topology, batch_shape
 from launcher.errors import ConfigError
 from launcher.render import rundir
 from launcher.render.command import PACKAGE_ROOT, export_lines, rank_environment, worker_args
+from launcher.render.sbatch_options import cpus_per_task, sbatch_options, time_seconds  # noqa: F401
 
 # MASTER_PORT = base + job id % span: distinct for jobs that share a node, stable across a requeue
 # (same job id), and below Linux's ephemeral range (32768+).
 PORT_BASE = 20000
 PORT_SPAN = 10000
-# Slurm's --signal takes at most 65535 seconds.
-MAX_SIGNAL_SECONDS = 65535
-# [days-]hours:minutes:seconds and the shorter forms sbatch accepts; UNLIMITED/INFINITE.
-_TIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?|UNLIMITED|INFINITE)$", re.IGNORECASE)
-
-
 class ShellVar(str):
     """An argument that is a shell variable, expanded where the line runs: renders as "$NAME"."""
 
@@ -93,75 +88,6 @@ def nossh_runner_args(
         "--num_gpus", str(ranks_per_node),
         *worker_args(run_dir),
     ]  # fmt: skip
-
-
-def time_seconds(text: str) -> Optional[int]:
-    """Slurm time limit in seconds (None for UNLIMITED); ConfigError for a malformed value."""
-    text = str(text).strip()
-    if not _TIME.match(text):
-        raise ConfigError(
-            "cluster.time", f"'{text}' is not a SLURM time; use HH:MM:SS, D-HH:MM:SS, minutes or UNLIMITED"
-        )
-    if text.upper() in ("UNLIMITED", "INFINITE"):
-        return None
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:  # D-HH[:MM[:SS]]
-        parts += [0] * (3 - len(parts))
-        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-    if len(parts) == 1:  # minutes
-        return parts[0] * 60
-    if len(parts) == 2:  # MM:SS
-        return parts[0] * 60 + parts[1]
-    return parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def cpus_per_task(topo: Topology) -> Optional[int]:
-    """CPU ranks get one core each; GPU nodes are taken whole (--exclusive): their cores feed the GPUs."""
-    return topo.ranks_per_node if topo.accelerator == "cpu" else None
-
-
-def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
-    """The #SBATCH options, in order; later options (cluster.sbatch_extra) override earlier ones."""
-    c = cfg.cluster
-    limit = time_seconds(c.time)
-    if not 0 < c.signal_seconds <= MAX_SIGNAL_SECONDS:
-        raise ConfigError("cluster.signal_seconds", f"must be in 1..{MAX_SIGNAL_SECONDS}, got {c.signal_seconds}")
-    if limit is not None and c.signal_seconds >= limit:
-        raise ConfigError(
-            "cluster.signal_seconds",
-            f"{c.signal_seconds} s is not below cluster.time={c.time} ({limit} s): the warning would come "
-            f"before training starts; lower it or raise cluster.time",
-        )
-    if c.max_requeues < 0:
-        raise ConfigError("cluster.max_requeues", f"must be >= 0, got {c.max_requeues}")
-    opts = [
-        _opt("name", "--job-name", cfg.name),
-        f"--nodes={topo.nodes}",
-        "--ntasks-per-node=1",  # one deepspeed runner per node; it starts the node's ranks
-    ]
-    if topo.accelerator == "cuda":
-        opts += [f"--gpus-per-node={topo.ranks_per_node}", "--exclusive"]
-    else:
-        opts.append(f"--cpus-per-task={cpus_per_task(topo)}")
-    opts.append(_opt("cluster.time", "--time", c.time))
-    for key in ("partition", "account", "qos"):
-        if c[key]:
-            opts.append(_opt(f"cluster.{key}", f"--{key}", c[key]))
-    # %j is the job id; a literal % in the run dir must be doubled for Slurm's filename patterns.
-    opts += [
-        f"--signal=B:USR1@{c.signal_seconds}",  # B: only the batch shell, which forwards it to the ranks
-        "--requeue",
-        "--open-mode=append",  # a requeued attempt appends to the same log
-        _opt("run dir", "--output", run_dir.replace("%", "%%") + "/slurm-%j.out"),
-    ]
-    for i, line in enumerate(c.sbatch_extra):
-        line = str(line).strip()
-        _check_line(f"cluster.sbatch_extra[{i}]", line)
-        if not line.startswith("-"):
-            raise ConfigError(f"cluster.sbatch_extra[{i}]", f"'{line}' is not an sbatch option (e.g. --exclusive)")
-        opts.append(line)
-    return opts
 
 
 def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths: JobPaths) -> str:
@@ -227,9 +153,11 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
     lines += [
         f'export PYTHONPATH={q(paths.pythonpath)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
         'cd "$RUN_DIR" || fail "cannot enter the run dir $RUN_DIR (it must be on a filesystem every node sees)"',
+        "# One live run per run dir: this job holds it (a requeued attempt takes its own lock back).",
+        '"$PYTHON" -m launcher.launch.lock acquire "$RUN_DIR" || exit 2',
         "",
         "# Rank 0 runs on the first node; the hostfile lists the nodes in SLURM_NODEID order.",
-        'mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'mapfile -t HOSTS < <(timeout 60 scontrol show hostnames "$SLURM_JOB_NODELIST")',
         (
             f'[ "${{#HOSTS[@]}}" -eq {topo.nodes} ] || '
             f'fail "the allocation has ${{#HOSTS[@]}} node(s), this run needs {topo.nodes} (cluster.nodes)"'
@@ -244,12 +172,10 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
             f'{topo.nodes} node(s) x {topo.ranks_per_node} ranks, master $MASTER_ADDR:$MASTER_PORT"'
         ),
         "",
-        (
-            f"# --signal=B:USR1@{cfg.cluster.signal_seconds} reaches only this shell: pass it to the job step, whose "
-            "ranks checkpoint"
-        ),
-        "# at the next step boundary and exit 0 with status.json state=preempted. SIGTERM (scancel, time limit)",
-        "# reaches the ranks from Slurm directly and never requeues.",
+        "# USR1 to this shell (the warning timer below, --signal=B:USR1, `scancel -b --signal=USR1`) is passed to the",
+        "# job step, whose ranks checkpoint at the next step boundary and exit 0 with status.json state=preempted;",
+        "# then the job requeues. SIGTERM (plain scancel, the time limit) reaches the ranks from Slurm directly:",
+        "# they checkpoint too, but Slurm SIGKILLs them KillWait seconds later (docs/slurm.md), and no requeue.",
         "WARNED=0",
         (
             'trap \'WARNED=1; log "got USR1 (time limit or preemption ahead): forwarding it to the ranks"; '
@@ -267,13 +193,27 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         ),
         f"  bash -c {q(node_cmd)} &",
         "SRUN_PID=$!",
+        "",
+        f"# The warning: cluster.signal_seconds ({cfg.cluster.signal_seconds} s) before the job's real time limit "
+        "(squeue %L,",
+        "# time left as [D-]HH:MM:SS), whatever script submitted the job.",
+        "TIMER_PID=",
+        'LEFT=$(timeout 30 squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || LEFT=',
+        'case "$LEFT" in',
+        '  ""|*[!0-9:-]*) log "no time limit known (squeue: ${LEFT:-no answer}): no warning timer" ;;',
+        "  *) D=0; S=0; case \"$LEFT\" in *-*) D=${LEFT%%-*}; LEFT=${LEFT#*-} ;; esac",
+        '     IFS=: read -ra PARTS <<< "$LEFT"; for P in "${PARTS[@]}"; do S=$((S * 60 + 10#$P)); done',
+        f"     WARN_IN=$((D * 86400 + S - {int(cfg.cluster.signal_seconds)})); [ \"$WARN_IN\" -gt 0 ] || WARN_IN=1",
+        '     log "time left $((D * 86400 + S)) s: warning the ranks in $WARN_IN s"',
+        '     (sleep "$WARN_IN" && kill -USR1 $$) & TIMER_PID=$! ;;',
+        "esac",
         'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done  # a trap interrupts wait',
         'wait "$SRUN_PID"; RC=$?',
+        '[ -n "$TIMER_PID" ] && kill "$TIMER_PID" 2>/dev/null',
         "",
-        'read -r STATE STEP < <("$PYTHON" -c \'import json, sys',
-        "try: s = json.load(open(sys.argv[1]))",
-        "except (OSError, ValueError): s = {}",
-        'print(s.get("state", "none"), s.get("step", "?"))\' "$RUN_DIR/status.json")',
+        "# A rank killed by SIGKILL (OOM killer, lost node) cannot report: settle writes state=failed then, records",
+        "# the end of this launch in run.json and releases the lock.",
+        'read -r STATE STEP < <("$PYTHON" -m launcher.launch.settle "$RUN_DIR" "$RC")',
         'if [ "$STATE" = preempted ] && [ "$WARNED" = 1 ]; then',
         '  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then',
         (
@@ -282,7 +222,7 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         ),
         "  fi",
         '  log "checkpointed at step $STEP; requeueing (restart $((${SLURM_RESTART_COUNT:-0} + 1)) of $MAX_REQUEUES)"',
-        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        '  timeout 60 scontrol requeue "$SLURM_JOB_ID" && exit 0',
         f'  fail "scontrol requeue failed; resume with: sbatch {_dq(paths.script)}"',
         "fi",
         'if [ "$STATE" = preempted ]; then',
@@ -300,19 +240,6 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
 def _dq(text: str) -> str:
     """Text inside a double-quoted shell string: escape what double quotes still expand."""
     return re.sub(r'([\\"$`])', r"\\\1", text)
-
-
-def _check_line(key: str, value: str) -> None:
-    # sbatch reads #SBATCH lines itself (not the shell): a newline would end the comment and start a shell
-    # line, and sbatch drops backslashes even inside quotes.
-    if any(ord(ch) < 32 or ch == "\x7f" for ch in value) or "\\" in value:
-        raise ConfigError(key, f"{value!r} has a control character or backslash, which #SBATCH lines cannot carry")
-
-
-def _opt(key: str, flag: str, value: object) -> str:
-    text = str(value)
-    _check_line(key, text)
-    return f"{flag}={shlex.quote(text)}"
 
 
 def sbatch_name(name: str) -> str:

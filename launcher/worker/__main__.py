@@ -24,7 +24,8 @@ def main() -> int:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from launcher.worker.status import StopRun, write_status
+    from launcher.models.tokenizer import TokenizerError
+    from launcher.worker.status import EXIT_USER_ERROR, StopRun, one_line, progress, write_status
     from launcher.worker.train import Context, train
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -33,14 +34,27 @@ def main() -> int:
     # A hung rendezvous or collective fails loudly after this long instead of hanging forever.
     deepspeed.init_distributed(timeout=timedelta(minutes=int(os.environ.get("LAUNCHER_DIST_TIMEOUT_MIN", "30"))))
     ctx = Context(run_dir, cfg, ds_path, ds, dist.get_rank(), dist.get_world_size())
+    if ctx.rank == 0:
+        from launcher.worker.heartbeat import start_heartbeat
+
+        start_heartbeat(run_dir)
     try:
         code = train(ctx)
     except StopRun as stop:
         if ctx.rank == 0:
             print(f"error: {stop}", file=sys.stderr, flush=True)
-            write_status(run_dir, stop.state, -1, str(stop))
+            write_status(run_dir, stop.state, progress.step, str(stop))
         code = stop.code
-    except Exception:
+    except TokenizerError as exc:
+        # Every rank loads the tokenizer and fails alike: one line from rank 0, exit code 2.
+        if ctx.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            write_status(run_dir, "failed", progress.step, str(exc))
+        _remove_own_shm_file()
+        os._exit(EXIT_USER_ERROR)
+    except BaseException as exc:  # noqa: BLE001 - OOM, NCCL errors, a dead peer, a bug: status says so first
+        # status.json names the rank, the step and the exception in one line; the traceback goes to the log.
+        write_status(run_dir, "failed", progress.step, f"rank {ctx.rank}: {one_line(exc)}", rank=ctx.rank)
         traceback.print_exc()
         sys.stderr.flush()
         _remove_own_shm_file()

@@ -2,6 +2,10 @@
 data position) and each rank's RNG state. The `latest` pointer (DeepSpeed's format, so
 `load_checkpoint` and `zero_to_fp32.py` understand it) is written atomically and only after every rank
 has finished writing: a crash mid-save leaves the previous checkpoint as the one to resume from.
+
+Durable, not just ordered: each rank fsyncs its shards, rank 0 fsyncs the DONE marker and the directories
+before `latest` moves, so a power loss cannot leave `latest` naming a tag whose data never reached the disk.
+A tag without DONE (a save cut by a crash) is never resumed from and is removed at the next successful save.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,12 +28,38 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# For tests only: a checkpoint that takes this many seconds longer (a real 8B ZeRO-3 save takes minutes).
+SLOW_SAVE_ENV = "LAUNCHER_TEST_SLOW_SAVE_S"
+
+
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag `latest` names if it is complete, else the newest complete tag (None: no checkpoint)."""
     pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    tag = pointer.read_text().strip() if pointer.is_file() else None
+    if tag and (ckpt_dir / tag / "DONE").is_file():
+        return tag
+    done = complete_tags(ckpt_dir)
+    return done[-1] if done else None
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def incomplete_tags(ckpt_dir: Path) -> List[str]:
+    return sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and not (p / "DONE").is_file())
 
 
 def complete_tags(ckpt_dir: Path) -> List[str]:
@@ -58,16 +89,29 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    slow = float(os.environ.get(SLOW_SAVE_ENV, "0"))
+    if slow:
+        time.sleep(slow)
+    _fsync_tree(ckpt_dir / tag)  # this rank's files (and, harmlessly, its peers' on a shared filesystem)
     dist.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
-        (ckpt_dir / tag / "DONE").write_text(f"{step}\n")
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
-        for old in complete_tags(ckpt_dir)[:-keep_last]:
+        _write_durable(ckpt_dir / tag / "DONE", f"{step}\n")
+        fsync_path(ckpt_dir / tag)
+        fsync_path(ckpt_dir)
+        _write_durable(ckpt_dir / f".{LATEST}.tmp", tag)
+        os.replace(ckpt_dir / f".{LATEST}.tmp", ckpt_dir / LATEST)
+        fsync_path(ckpt_dir)
+        for old in complete_tags(ckpt_dir)[:-keep_last] + [t for t in incomplete_tags(ckpt_dir) if t != tag]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:

@@ -20,7 +20,24 @@ class StopRun(Exception):
         self.state = state
 
 
-def write_status(run_dir: Path, state: str, step: int, message: str = "") -> None:
-    tmp = run_dir / ".status.json.tmp"
+class Progress:
+    """The last step this rank completed (-1: none yet), for the status of a run that fails."""
+
+    step = -1
+
+
+progress = Progress()
+
+
+def one_line(exc: BaseException) -> str:
+    """`RuntimeError: CUDA out of memory. Tried to allocate ...`: the exception, not its traceback."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
+
+
+def write_status(run_dir: Path, state: str, step: int, message: str = "", rank: int = 0) -> None:
+    """Atomic (temp file + rename); each rank uses its own temp file, so failing ranks never tear it."""
+    tmp = run_dir / f".status.json.{rank}.tmp"
     tmp.write_text(json.dumps({"state": state, "step": step, "message": message}) + "\n")
     os.replace(tmp, run_dir / "status.json")

@@ -17,7 +17,7 @@ from launcher.models.tokenizer import load_tokenizer
 from launcher.worker import act_ckpt, ckpt, metrics, signals
 from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
 from launcher.worker.model import build_model, count_parameters
-from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, write_status
+from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, progress, write_status
 
 
 @dataclass
@@ -92,6 +92,7 @@ def train(ctx: Context) -> int:
     ckpt_dir = ctx.run_dir / "checkpoints"
     client = ckpt.load(engine, ckpt_dir)
     start = int(client["step"]) if client else 0
+    progress.step = start
     max_steps = int(cfg.train.max_steps)
     log = metrics.MetricsLog(ctx.run_dir, start) if rank == 0 else None
     micro, accum, glob = (
@@ -129,6 +130,7 @@ def train(ctx: Context) -> int:
             engine.step()
             losses.append(loss.detach())
         window_steps += 1
+        progress.step = step
         scale = current_loss_scale(engine) if fp16 else None
         if fp16 and scale is not None and scale <= cfg.precision.min_loss_scale:
             steps_at_min_scale += 1
