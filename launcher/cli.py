@@ -31,8 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = prepare(argv)
         # One live run per run dir: taken before anything in it is rewritten (held by the runner's session
         # once it starts; a dry run or a SLURM submission only checks it).
-        lock.acquire(run.run_dir, holder)
         try:
+            lock.acquire(run.run_dir, holder)
             write_files(run.run_dir, run.files, executable=("launch.sh",))
         except OSError as exc:
             lock.release(run.run_dir, holder)

@@ -57,6 +57,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
     run_dir = Path(run_dir_text).resolve()
+    _check_run_dir(run_dir)
     if check_resume:
         rundir_io.check_resumable(run_dir, cfg)
 
@@ -87,6 +88,7 @@ def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None)
     """Compose, make paths absolute, adopt model.path / hostfile facts, and resolve the world shape.
     Returns (cfg, run dir text, topology, local GPU count)."""
     cfg, run_dir_text = compose(overrides)
+    _check_interpolations(cfg)
     absolutize_paths(cfg)
     adopt_hf_architecture(cfg)
     if cfg.cluster.name == "hostfile":
@@ -97,6 +99,32 @@ def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None)
         local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
     local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
     return cfg, run_dir_text, resolve_topology(cfg, local_gpus), local_gpus
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """An unresolvable ${...} is one line naming its key, not an OmegaConf traceback later."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(str(key), f"cannot resolve its value ({first}); fix the ${{...}} reference or quote it"
+                          ) from None
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """The run dir must be a directory we can write, or creatable below one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run dir", f"{run_dir} exists and is not a directory; choose hydra.run.dir or name=")
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("run dir", f"cannot create or write {run_dir} ({probe} is not writable); choose a "
+                          "writable hydra.run.dir or name=")
 
 
 def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):

@@ -36,8 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
         )
         # One live run per run dir, held by this job (a requeued attempt takes its own lock back).
-        lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
         try:
+            lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
             write_files(run.run_dir, files)
         except OSError as exc:
             raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "

@@ -52,6 +52,7 @@ def validate(cfg: DictConfig, topo: Topology) -> List[str]:
     _check_combinations(cfg)
     _check_model_shape(cfg)
     _check_paths(cfg)
+    _check_cluster(cfg, topo)
     return _recommendations(cfg)
 
 
@@ -196,10 +197,27 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} is not a directory; give a local HF model dir")
         if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
+        if not any(os.path.isfile(os.path.join(cfg.model.path, f)) for f in WEIGHT_FILES):
+            raise ConfigError("model.path", f"{cfg.model.path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                              "finish the download, or drop model.path to train from scratch")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
     if cfg.cluster.hostfile is not None and not os.path.isfile(cfg.cluster.hostfile):
         raise ConfigError("cluster.hostfile", f"{cfg.cluster.hostfile} does not exist")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _check_cluster(cfg: DictConfig, topo: Topology) -> None:
+    if cfg.cluster.name == "local" and topo.nodes > 1:
+        raise ConfigError("cluster.nodes", f"{topo.nodes} with cluster=local, which runs on this node only; use "
+                          "cluster=slurm or cluster=hostfile for several nodes, or drop cluster.nodes")
+    port = cfg.cluster.master_port
+    if port is not None and not (isinstance(port, int) and 1024 <= port <= 65535):
+        raise ConfigError("cluster.master_port", f"{port} is not a port in 1024..65535; pick a free one or drop it "
+                          "(a free port is chosen)")
 
 
 def _recommendations(cfg: DictConfig) -> List[str]:

@@ -1,6 +1,11 @@
 """DeepSpeed JIT-builds ops (shm comm, cpu_adam) into torch's extension dir under a `lock` file. A build
 killed midway leaves the lock behind and every later run waits on it forever. Detect that before launch.
-No torch import: this runs on the launcher side."""
+No torch import: this runs on the launcher side.
+
+A lock is removed only when its build cannot still be running: it is older than STALE_AFTER_S (a build on
+another host sharing the directory, or one between taking the lock and starting ninja) and no process on
+this host works in that build directory (ninja and the compilers run with it as their cwd).
+torch's lock file is empty, so there is no holder pid to check."""
 
 from __future__ import annotations
 
@@ -20,6 +25,21 @@ def extension_dirs() -> List[str]:
     return glob.glob(os.path.expanduser("~/.cache/torch_extensions/py*"))
 
 
+def build_running(build_dir: str) -> bool:
+    """A process on this host has its cwd or an open file in build_dir (ninja, c++, the Python that waits)."""
+    import psutil
+
+    build_dir = os.path.realpath(build_dir)
+    for proc in psutil.process_iter():
+        try:
+            paths = [proc.cwd()] + [f.path for f in proc.open_files()]
+        except (psutil.Error, OSError):
+            continue
+        if any(p == build_dir or p.startswith(build_dir + os.sep) for p in paths):
+            return True
+    return False
+
+
 def check_jit_locks(remove_stale: bool = True) -> List[str]:
     """Remove stale op build locks; return one note per lock found."""
     notes = []
@@ -27,7 +47,7 @@ def check_jit_locks(remove_stale: bool = True) -> List[str]:
     for base in extension_dirs():
         for lock in glob.glob(os.path.join(base, "*", "lock")):
             age = now - os.path.getmtime(lock)
-            if age > STALE_AFTER_S and remove_stale:
+            if age > STALE_AFTER_S and remove_stale and not build_running(os.path.dirname(lock)):
                 os.remove(lock)
                 notes.append(f"note: removed stale DeepSpeed JIT build lock {lock} ({age / 60:.0f} min old)")
             else:

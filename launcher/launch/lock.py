@@ -131,7 +131,10 @@ def update(run_dir: Path, holder: Dict[str, Any]) -> None:
 
 def release(run_dir: Path, holder: Dict[str, Any]) -> None:
     """Remove the lock if it is still ours (same pid/session or job)."""
-    current = read(run_dir)
+    try:
+        current = read(run_dir)
+    except OSError:
+        return
     keys = ("slurm_job",) if holder.get("slurm_job") else ("host", "pid", "session")
     if current and all(current.get(k) == holder.get(k) for k in keys):
         (run_dir / LOCK).unlink(missing_ok=True)
