@@ -75,6 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # a full disk, a read-only or vanished output dir: nothing half-written is left
+        where = exc.filename or "the output directory"
+        print(f"error: out: cannot write {where}: {exc.strerror or exc}; choose a writable out= (nothing was "
+              "replaced)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130

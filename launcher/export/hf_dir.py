@@ -26,6 +26,7 @@ from typing import Any, Callable, List, Optional
 from launcher.errors import ExportError
 from launcher.export.locate import CHECKPOINTS, Checkpoint, find_checkpoint, load_run_config
 from launcher.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_size, torch_dtype, verify, write_weights
+from launcher.export.swap import replace_dir
 
 DTYPES = ("bf16", "fp16", "fp32")
 EXPORT_INFO = "export.json"
@@ -156,28 +157,11 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         files.append(EXPORT_INFO)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, ckpt, dtype, sorted(files), n_params, total_bytes, time.perf_counter() - started)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an earlier export there is swapped out, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.export-old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(result: ExportResult) -> str:
