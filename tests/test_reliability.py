@@ -24,9 +24,17 @@ FAST = ["train.log_every=1", "train.save_every=2", "train.keep_last=2"]
 
 
 def start(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """The launcher in the background; its output (and its ranks', which may outlive it) goes to <run_dir>.log."""
     full = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", *overrides],
-                            cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{run_dir}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", *overrides],
+                                cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> str:
+    proc.wait(timeout=timeout)
+    return Path(f"{run_dir}.log").read_text()
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> int:
@@ -36,7 +44,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None
         steps = [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
         if steps and steps[-1] >= step:
             return steps[-1]
-        assert proc is None or proc.poll() is None, proc.stdout.read()
+        assert proc is None or proc.poll() is None, Path(f"{run_dir}.log").read_text()[-3000:]
         time.sleep(0.2)
     raise AssertionError(f"training did not reach step {step}")
 
@@ -69,7 +77,7 @@ def test_one_live_run_per_run_dir_and_takeover_after_death(tmp_path):
     assert (run_dir / "metrics.jsonl").read_text().startswith(metrics_before), "the refused launch wrote nothing"
 
     first.kill()  # the launcher dies; its ranks (own session) train on and still hold the run dir
-    first.communicate()
+    first.wait()
     ranks = rank_pids(session)
     assert len(ranks) == 2
     third = run_cli([f"hydra.run.dir={run_dir}", "train.max_steps=100000", *FAST])
@@ -108,7 +116,7 @@ def test_stop_waits_for_a_slow_checkpoint_then_resumes(target, tmp_path):
                    if "deepspeed.launcher.launch" in " ".join(p.info["cmdline"] or []) and os.getsid(p.pid) == session]
         assert len(runners) == 1
         runners[0].send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    out = finish(proc, run_dir)
     st = status(run_dir)
     assert st["state"] == "preempted", out[-3000:]
     tag = f"step_{st['step']:08d}"
@@ -127,7 +135,7 @@ def test_dead_ranks_leave_status_failed(tmp_path):
     ranks = rank_pids(session_of(run_dir))
     for pid in ranks:
         os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    out = finish(proc, run_dir)
     st = status(run_dir)
     assert proc.returncode != 0 and st["state"] == "failed", out[-3000:]
     assert "SIGKILL" in st["message"] and "Traceback" not in st["message"]
