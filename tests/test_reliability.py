@@ -16,6 +16,7 @@ import psutil
 import pytest
 from conftest import REPO, run_cli
 
+from launcher.launch import lock
 from launcher.launch.local import rank_pids
 from launcher.worker.ckpt import SLOW_SAVE_ENV
 
@@ -57,10 +58,6 @@ def session_of(run_dir: Path) -> int:
     return int(json.loads((run_dir / ".lock").read_text())["session"])
 
 
-def wait_gone(pids: list, timeout: float = 120) -> None:
-    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=timeout)
-
-
 def test_one_live_run_per_run_dir_and_takeover_after_death(tmp_path):
     """A second launch is refused naming the first, also after the first launcher died while its ranks live;
     once launcher and ranks are dead, a third launch takes the lock over and resumes."""
@@ -85,7 +82,9 @@ def test_one_live_run_per_run_dir_and_takeover_after_death(tmp_path):
 
     for pid in ranks:  # now the training dies too (as with the OOM killer or a lost node)
         os.kill(pid, signal.SIGKILL)
-    wait_gone(ranks)
+    deadline = time.time() + 120
+    while lock.session_alive(session) and time.time() < deadline:  # launch.py and the runner follow them
+        time.sleep(0.5)
     step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
     fourth = run_cli([f"hydra.run.dir={run_dir}", f"train.max_steps={step + 2}", *FAST])
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import List, Optional, Sequence
 
 from launcher.launch import lock
 from launcher.launch.jit_locks import check_jit_locks
-from launcher.launch.settle import settle
+from launcher.launch.settle import read_status, settle
 from launcher.launch.shm import remove_shm_files
 from launcher.render.rundir import resume_command
 
@@ -97,8 +98,6 @@ class Stopper:
 def launch_local(run_dir: Path, command: Sequence[str], argv: Sequence[str]) -> int:
     """Run <run_dir>/launch.sh under the run dir's lock (already taken by the caller for this process);
     returns its exit code. `argv` is the user's command line (for the resume hint)."""
-    import subprocess
-
     for note in check_jit_locks():
         print(note, file=sys.stderr)
     stopper = Stopper()
@@ -109,15 +108,7 @@ def launch_local(run_dir: Path, command: Sequence[str], argv: Sequence[str]) -> 
     stopper.session = proc.pid
     holder = {**holder, "session": proc.pid}
     lock.update(run_dir, holder)
-    code = None
-    while code is None:
-        try:
-            code = proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            stopper.forward()  # ranks started after the signal are asked too
-    # The runner is gone; launch.py may have left ranks that are still saving (it exits when they do).
-    while lock._session_alive(proc.pid):
-        time.sleep(0.5)
+    code = _wait(proc, stopper, run_dir)
     remove_shm_files(_master_port(command))  # left by ranks that were killed
     status = settle(run_dir, code)
     lock.release(run_dir, holder)
@@ -135,6 +126,29 @@ def launch_local(run_dir: Path, command: Sequence[str], argv: Sequence[str]) -> 
           file=sys.stderr)
     print(f"  resume from the last checkpoint: {again}", file=sys.stderr)
     return code or 1
+
+
+def _wait(proc: subprocess.Popen, stopper: Stopper, run_dir: Path) -> int:
+    """The runner's exit code, once its whole session (launch.py, ranks still saving) is gone. After a stop,
+    ranks that checkpointed (status `preempted`) but linger HARD_STOP_AFTER_S later are killed."""
+    code: Optional[int] = None
+    saved_at: Optional[float] = None
+    while code is None or lock.session_alive(proc.pid):
+        if code is None:
+            try:
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            time.sleep(0.5)
+        stopper.forward()  # ranks started after the signal are asked too
+        if stopper.requested and saved_at is None and read_status(run_dir).get("state") == "preempted":
+            saved_at = time.monotonic()
+        if saved_at is not None and time.monotonic() - saved_at > HARD_STOP_AFTER_S:
+            stopper._say(f"the ranks checkpointed but did not exit within {HARD_STOP_AFTER_S:.0f} s: killing them")
+            stopper.kill()
+            saved_at = float("inf")
+    return code
 
 
 def _master_port(command: Sequence[str]) -> int:

@@ -83,7 +83,7 @@ def alive(holder: Optional[Dict[str, Any]], lock_path: Optional[Path] = None) ->
         return _fresh(lock_path)  # no scheduler to ask from here: the heartbeat decides
     if holder.get("host") != socket.gethostname():
         return _fresh(lock_path)  # a pid is only meaningful on its own host
-    if holder.get("session") and _session_alive(int(holder["session"])):
+    if holder.get("session") and session_alive(int(holder["session"])):
         return True
     pid = holder.get("pid")
     start = _start_time(int(pid)) if pid else None
@@ -163,7 +163,7 @@ def _start_time(pid: int) -> Optional[float]:
         return None
 
 
-def _session_alive(sid: int) -> bool:
+def session_alive(sid: int) -> bool:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:

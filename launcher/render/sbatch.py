@@ -165,8 +165,11 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         'export MASTER_ADDR="${HOSTS[0]}"',
         port_line,
         "# The batch shell runs on the first node, the master: its port must be free there.",
-        ('"$PYTHON" -c \'import socket, sys; socket.socket().bind(("", int(sys.argv[1])))\' "$MASTER_PORT" '
-         '2>/dev/null || fail "MASTER_PORT $MASTER_PORT is in use on $(hostname); set cluster.master_port to a free port"'),
+        (
+            "\"$PYTHON\" -c 'import socket, sys; socket.socket().bind((\"\", int(sys.argv[1])))' \"$MASTER_PORT\" "
+            '2>/dev/null || fail "MASTER_PORT $MASTER_PORT is in use on $(hostname); set cluster.master_port to '
+            'a free port"'
+        ),
         'export HOSTFILE="$RUN_DIR/hostfile.$SLURM_JOB_ID"',
         f'printf \'%s slots={topo.ranks_per_node}\\n\' "${{HOSTS[@]}}" > "$HOSTFILE"',
         'rm -f "$RUN_DIR/status.json"  # the ranks write it; a leftover must not decide this attempt',
