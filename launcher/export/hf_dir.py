@@ -104,12 +104,12 @@ def _write_tokenizer(cfg: Any, run_dir: Path, out: Path) -> List[str]:
                 shutil.copy2(f, out / f.name)
                 names.append(f.name)
         return names
-    from launcher.models.tokenizer import load_tokenizer
+    from launcher.models.tokenizer import TokenizerError, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.model.path)
-    except SystemExit as exc:  # load_tokenizer's own one-line error
-        raise ExportError(str(exc).removeprefix("error: ")) from None
+    except TokenizerError as exc:  # load_tokenizer's own one-line error
+        raise ExportError(str(exc)) from None
     return [Path(p).name for p in tokenizer.save_pretrained(str(out))]
 
 
