@@ -141,3 +141,23 @@ def test_dead_ranks_leave_status_failed(tmp_path):
     assert "launch failed" in out and not (run_dir / ".lock").exists()
     launches = json.loads((run_dir / "run.json").read_text())["launches"]
     assert launches[-1]["state"] == "failed" and launches[-1]["exit_code"] != 0
+
+
+def test_tokenizer_that_cannot_load_is_one_line_exit_2(tmp_path):
+    """A model dir whose tokenizer is corrupt: every rank fails alike; rank 0 says so in one line (no traceback,
+    no SystemExit on every rank), status.json = failed with that message, exit code 2."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256}))
+    (model / "model.safetensors").write_text("never read: the tokenizer loads first")
+    (model / "tokenizer.json").write_text("{broken")
+    run_dir = tmp_path / "run"
+    res = run_cli([f"hydra.run.dir={run_dir}", f"model.path={model}", "train.max_steps=2"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    st = status(run_dir)
+    assert st["state"] == "failed" and st["message"].startswith(f"model.path: cannot load a tokenizer from {model}")
+    assert "Traceback" not in out and out.count("error: model.path: cannot load a tokenizer") == 1
+    assert "launch failed (model.path: cannot load a tokenizer" in res.stderr
