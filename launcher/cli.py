@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from launcher.config.topology import batch_shape
 from launcher.errors import ConfigError
 from launcher.launch import lock
-from launcher.launch.rundir import write_files
+from launcher.launch.rundir import check_resumable, write_files
 from launcher.prepare import prepare
 
 EXIT_USER_ERROR = 2
@@ -28,14 +28,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     holder = lock.local_holder(os.getpid())
     try:
-        run = prepare(argv)
-        # One live run per run dir: taken before anything in it is rewritten (held by the runner's session
-        # once it starts; a dry run or a SLURM submission only checks it).
+        run = prepare(argv, check_resume=False)
+        # One live run per run dir: taken before anything in it is read or rewritten (held by the runner's
+        # session once it starts; a dry run or a SLURM submission only checks it).
         try:
             lock.acquire(run.run_dir, holder)
+            check_resumable(run.run_dir, run.cfg)
             write_files(run.run_dir, run.files, executable=("launch.sh",))
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
             lock.release(run.run_dir, holder)
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "
                               "hydra.run.dir or name=") from None
     except ConfigError as exc:

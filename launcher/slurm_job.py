@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from launcher.errors import ConfigError
 from launcher.launch import lock
 from launcher.launch.host import deepspeed_executable
-from launcher.launch.rundir import write_files
+from launcher.launch.rundir import check_resumable, write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
 from launcher.prepare import prepare
 from launcher.render.sbatch import sbatch_name, slurm_files
@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         alloc = allocation_from_env(os.environ)
-        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node)
+        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node, check_resume=False)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
@@ -38,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # One live run per run dir, held by this job (a requeued attempt takes its own lock back).
         try:
             lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
+            check_resumable(run.run_dir, run.cfg)
             write_files(run.run_dir, files)
         except OSError as exc:
             raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "
@@ -56,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flush=True,
     )
     if run.cfg.dry_run:
+        lock.release(run.run_dir, lock.slurm_holder(alloc.job_id))
         print(files[script.name], end="")
         return 0
     # Same process, so the batch shell that SLURM signals (--signal=B:USR1) is the script's bash. Python
