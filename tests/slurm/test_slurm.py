@@ -121,6 +121,11 @@ def test_preemption_checkpoints_requeues_and_resumes(
         assert time.monotonic() - start < JOB_TIMEOUT, "training did not start"
         assert slurm_single.job_info(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
+    # One live run per run dir: a second launch into it is refused, naming the job (the scheduler says it lives).
+    second = subprocess.run([sys.executable, "-m", "launcher", "cluster=slurm", *TINY, "name=preempted",
+                             f"hydra.run.dir={run_dir}", "dry_run=true"], env=slurm_single.env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"is in use by the run of SLURM job {job_id}" in second.stderr, second.stderr
     slurm_single.run("scancel", "--signal=USR1", "--batch", job_id)
     job = slurm_single.wait(job_id, tmp_path / f"slurm-{job_id}.out")
     job.seconds = time.monotonic() - start  # from the first metrics poll, through the requeue
@@ -137,6 +142,9 @@ def test_preemption_checkpoints_requeues_and_resumes(
     assert metrics[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-6, abs=0)
     print(f"[preemption] stopped at step {stopped}; final loss {metrics[-1]['loss']!r} vs {ref[-1]['loss']!r}")
     assert (_status(run_dir)["state"], _status(run_dir)["step"]) == ("completed", 30)
+    launches = json.loads((run_dir / "run.json").read_text())["launches"]
+    assert [entry.get("state") for entry in launches] == ["preempted", "completed"], launches
+    assert not (run_dir / ".lock").exists()
 
 
 def _status_step_from_log(log: str) -> int:
