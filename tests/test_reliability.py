@@ -161,3 +161,36 @@ def test_tokenizer_that_cannot_load_is_one_line_exit_2(tmp_path):
     assert st["state"] == "failed" and st["message"].startswith(f"model.path: cannot load a tokenizer from {model}")
     assert "Traceback" not in out and out.count("error: model.path: cannot load a tokenizer") == 1
     assert "launch failed (model.path: cannot load a tokenizer" in res.stderr
+
+
+def test_terminal_closed_stops_like_ctrl_c(tmp_path):
+    """SIGHUP (the terminal closed) stops the run the same way: the ranks, whose output went to that terminal
+    and now fails with EIO, still checkpoint and exit cleanly instead of crashing or being orphaned."""
+    import pty
+
+    run_dir = tmp_path / "run"
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", "train.max_steps=100000",
+                             "train.save_every=100000", "train.log_every=1"],
+                            cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    os.set_blocking(master, False)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not metrics.is_file() or len(metrics.read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            try:
+                os.read(master, 65536)  # keep the terminal drained while it is open
+            except OSError:
+                pass
+            time.sleep(0.2)
+    finally:
+        os.close(master)  # the terminal goes away: every later write to it fails
+    proc.send_signal(signal.SIGHUP)
+    proc.wait(timeout=300)
+    st = status(run_dir)
+    assert st["state"] == "preempted", st
+    assert (run_dir / "checkpoints" / f"step_{st['step']:08d}" / "DONE").is_file()
+    assert proc.returncode == 0 and not (run_dir / ".lock").exists()

@@ -64,6 +64,8 @@ class Stopper:
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:  # the terminal is gone: later writes would fail (EIO) and end this process
+            sys.stdout = sys.stderr = open(os.devnull, "w")
         if self.requested is None:
             self.requested, self.first_at = name, time.monotonic()
             self._say(f"\n{name}: asking the ranks to checkpoint and stop (again after {HARD_STOP_AFTER_S:.0f} s: "

@@ -17,9 +17,10 @@ def main() -> int:
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
 
-    from launcher.worker import signals
+    from launcher.worker import signals, streams
 
     signals.install()
+    streams.install()  # before deepspeed binds its log handler to sys.stdout
     import deepspeed
     import torch.distributed as dist
     from omegaconf import OmegaConf
