@@ -164,9 +164,11 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
         ),
         'export MASTER_ADDR="${HOSTS[0]}"',
         port_line,
-        "# The batch shell runs on the first node, the master: its port must be free there.",
+        "# The batch shell runs on the first node, the master: its port must be free there (a listener, not a",
+        "# TIME_WAIT left by the previous attempt, which SO_REUSEADDR allows, as torch's TCPStore does).",
         (
-            "\"$PYTHON\" -c 'import socket, sys; socket.socket().bind((\"\", int(sys.argv[1])))' \"$MASTER_PORT\" "
+            "\"$PYTHON\" -c 'import socket as S, sys; s = S.socket(); s.setsockopt(S.SOL_SOCKET, S.SO_REUSEADDR, 1); "
+            "s.bind((\"\", int(sys.argv[1])))' \"$MASTER_PORT\" "
             '2>/dev/null || fail "MASTER_PORT $MASTER_PORT is in use on $(hostname); set cluster.master_port to '
             'a free port"'
         ),
