@@ -138,6 +138,7 @@ def test_dead_ranks_leave_status_failed(tmp_path):
     st = status(run_dir)
     assert proc.returncode != 0 and st["state"] == "failed", out[-3000:]
     assert "SIGKILL" in st["message"] and "Traceback" not in st["message"]
+    assert st["step"] >= 3  # the last step logged before the ranks died
     assert "launch failed" in out and not (run_dir / ".lock").exists()
     launches = json.loads((run_dir / "run.json").read_text())["launches"]
     assert launches[-1]["state"] == "failed" and launches[-1]["exit_code"] != 0

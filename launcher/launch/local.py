@@ -106,7 +106,11 @@ def launch_local(run_dir: Path, command: Sequence[str], argv: Sequence[str]) -> 
     holder = lock.local_holder(os.getpid())
     print(f"launching: bash {run_dir / 'launch.sh'}", flush=True)
     # Own session: a terminal Ctrl-C reaches only this process, which stops the ranks in order (Stopper).
-    proc = subprocess.Popen(["bash", str(run_dir / "launch.sh")], start_new_session=True)
+    # The session leader is a bash that waits (no exec): a session leader that opens a terminal device
+    # (e.g. /dev/stdout) makes it its controlling terminal, and closing that terminal would then SIGHUP the
+    # runner directly. stdin is /dev/null: the ranks never read it.
+    proc = subprocess.Popen(["bash", "-c", 'bash "$0"; exit $?', str(run_dir / "launch.sh")],
+                            start_new_session=True, stdin=subprocess.DEVNULL)
     stopper.session = proc.pid
     holder = {**holder, "session": proc.pid}
     lock.update(run_dir, holder)

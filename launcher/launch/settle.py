@@ -49,12 +49,26 @@ def settle_status(run_dir: Path, code: int) -> Dict[str, Any]:
     if status.get("state") in (None, "running"):
         status = {
             "state": "failed",
-            "step": status.get("step", -1),
+            "step": _last_logged_step(run_dir),
             "message": f"the ranks ended ({exit_meaning(code)}) without reporting: a rank was killed (SIGKILL, the "
             "OOM killer, a lost node) or died before training started; see the log",
         }
         _write_json(run_dir / STATUS, status)
     return status
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    """The last step in metrics.jsonl (-1: none), the best a launcher knows of where dead ranks were."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return -1
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the crash
+    return -1
 
 
 def launch_entries(run_dir: Path) -> List[Dict[str, Any]]:
