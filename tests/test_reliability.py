@@ -195,3 +195,25 @@ def test_terminal_closed_stops_like_ctrl_c(tmp_path):
     assert st["state"] == "preempted", st
     assert (run_dir / "checkpoints" / f"step_{st['step']:08d}" / "DONE").is_file()
     assert proc.returncode == 0 and not (run_dir / ".lock").exists()
+
+
+def test_second_ctrl_c_after_the_grace_period_kills_hard(tmp_path):
+    """Ctrl-C starts a checkpoint; a second one within the grace period is ignored (the ranks are saving);
+    one after it kills the ranks without a checkpoint and says so. The status then says failed."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "train.max_steps=100000", "train.save_every=100000", "train.log_every=1",
+                 env={SLOW_SAVE_ENV: "120", "LAUNCHER_HARD_STOP_AFTER_S": "3"})
+    wait_for_step(run_dir, 2, proc)
+    session = session_of(run_dir)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)  # (two signals sent at once arrive as one)
+    proc.send_signal(signal.SIGINT)  # within the grace period: ignored
+    time.sleep(5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc, run_dir, timeout=60)
+    assert "the ranks are checkpointing; wait, or send Ctrl-C again after 3 s" in out
+    assert "SIGINT again: killing the ranks now, without a checkpoint" in out
+    st = status(run_dir)
+    assert proc.returncode != 0 and st["state"] == "failed" and "SIGKILL" in st["message"], out[-3000:]
+    assert not (run_dir / "checkpoints" / "latest").exists() and not lock.session_alive(session)
