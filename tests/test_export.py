@@ -265,6 +265,10 @@ def test_errors_are_one_line_and_leave_nothing_half_written(z1, tmp_path):
     (not_export / "notes.txt").write_text("keep me")
     assert "is not an export" in export(f"run_dir={z1}", f"out={not_export}", expect=2).stderr
     assert (not_export / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    res = export(f"run_dir={z1}", f"out={a_file / 'hf'}", expect=2)  # an output dir that cannot be written
+    assert res.stderr.strip().splitlines()[-1].startswith("error: out: cannot write") and "Traceback" not in res.stderr
 
     # Damaged checkpoints, on a copy of the run.
     run = tmp_path / "run"

@@ -125,7 +125,8 @@ def launch_local(run_dir: Path, command: Sequence[str], argv: Sequence[str]) -> 
         print(f"stopped by signal after checkpointing step {status['step']}. resume: {again}")
         return 0
     if code == 0 and status.get("state") == "completed":
-        print(f"done. run dir: {run_dir}\n  resume/extend: {again} train.max_steps=<more>")
+        more = 2 * int(status.get("step") or 1)
+        print(f"done. run dir: {run_dir}\n  resume/extend: {again} train.max_steps={more}   (any larger value)")
         print(f"  export:        python -m launcher.export run_dir={run_dir}")
         return 0
     print(f"launch failed ({status.get('message') or f'exit code {code}'}); logs above, artifacts in {run_dir}",
