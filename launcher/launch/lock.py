@@ -68,9 +68,13 @@ def describe(holder: Dict[str, Any]) -> str:
 def how_to_stop(holder: Dict[str, Any]) -> str:
     if holder.get("slurm_job"):
         return f"scancel --signal=USR1 {holder['slurm_job']}"
-    if holder.get("session"):
-        return f"kill -TERM <the ranks> (pgrep -s {holder['session']} -f 'launcher.worker')"
-    return f"kill -TERM {holder.get('pid')}"
+    pid = holder.get("pid")
+    launcher_alive = pid and holder.get("host") == socket.gethostname() and \
+        _start_time(int(pid)) == holder.get("pid_start")
+    if holder.get("session") and not launcher_alive:
+        # The launcher is gone: signal the ranks themselves (not launch.py, which SIGKILLs them 30 s later).
+        return f"pkill -TERM -s {holder['session']} -f -- '-m launcher.worker'"
+    return f"kill -TERM {pid}, which checkpoints and stops the ranks"
 
 
 def alive(holder: Optional[Dict[str, Any]], lock_path: Optional[Path] = None) -> bool:
