@@ -147,6 +147,31 @@ def test_preemption_checkpoints_requeues_and_resumes(
     assert not (run_dir / ".lock").exists()
 
 
+def test_scancel_usr1_stops_with_a_checkpoint_without_requeue(slurm_single: Cluster, tmp_path: Path) -> None:
+    """`scancel --signal=USR1 <job>` (no --batch) reaches the ranks only: they checkpoint and exit 0, the batch
+    shell saw no warning and does not requeue. The job's own warning timer is armed from the real limit."""
+    args = ["--cpus-per-task=2", "--time=10", str(TRAIN_SBATCH), "train.max_steps=100000", "train.save_every=1000",
+            "train.log_every=1", "name=stopped"]
+    job_id = slurm_single.submit(args, tmp_path)
+    run_dir = tmp_path / "runs" / "stopped"
+    start = time.monotonic()
+    while not ((run_dir / "metrics.jsonl").is_file() and len(_metrics(run_dir)) >= 3):
+        assert time.monotonic() - start < JOB_TIMEOUT, "training did not start"
+        time.sleep(0.2)
+    slurm_single.run("scancel", "--signal=USR1", job_id)
+    job = slurm_single.wait(job_id, tmp_path / f"slurm-{job_id}.out")
+    _assert_ok(job)
+    log = job.text()
+    assert job.restarts == 0 and "got USR1" not in log, log
+    left = int(log.split("time left ")[1].split()[0])
+    assert 300 < left <= 600 and f"warning the ranks in {left - 300} s" in log, log  # 10 min limit - 300 s
+    status = _status(run_dir)
+    assert status["state"] == "preempted" and f"stopped by a signal, checkpointed at step {status['step']}" in log
+    assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "DONE").is_file()
+    launches = json.loads((run_dir / "run.json").read_text())["launches"]
+    assert len(launches) == 1 and launches[0]["state"] == "preempted" and not (run_dir / ".lock").exists()
+
+
 def _status_step_from_log(log: str) -> int:
     line = next(x for x in log.splitlines() if "requeueing (restart 1 of" in x)
     return int(line.split("checkpointed at step ")[1].split(";")[0])
