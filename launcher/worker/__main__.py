@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 
@@ -20,9 +19,9 @@ def main() -> int:
     from launcher.worker import signals
 
     signals.install()
-    import deepspeed
-    import torch.distributed as dist
     from omegaconf import OmegaConf
+
+    from launcher.worker import comm
 
     from launcher.worker.status import StopRun, write_status
     from launcher.worker.train import Context, train
@@ -31,8 +30,8 @@ def main() -> int:
     ds_path = run_dir / "ds_config.json"
     ds = json.loads(ds_path.read_text())
     # A hung rendezvous or collective fails loudly after this long instead of hanging forever.
-    deepspeed.init_distributed(timeout=timedelta(minutes=int(os.environ.get("LAUNCHER_DIST_TIMEOUT_MIN", "30"))))
-    ctx = Context(run_dir, cfg, ds_path, ds, dist.get_rank(), dist.get_world_size())
+    comm.start(int(os.environ.get("LAUNCHER_DIST_TIMEOUT_MIN", "30")))
+    ctx = Context(run_dir, cfg, ds_path, ds, comm.rank(), comm.world_size())
     try:
         code = train(ctx)
     except StopRun as stop:
@@ -46,9 +45,7 @@ def main() -> int:
         _remove_own_shm_file()
         # Peers may be blocked in a collective; the deepspeed launcher kills them when this rank exits.
         os._exit(1)
-    # Without a barrier + destroy, rank exit aborts (SIGABRT) in about a third of runs.
-    dist.barrier()
-    dist.destroy_process_group()
+    comm.finish()
     _remove_own_shm_file()
     return code
 

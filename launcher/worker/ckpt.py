@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from launcher.worker import comm
 
 LATEST = "latest"
 
@@ -55,10 +56,10 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
     tag = tag_for(step)
-    rank = dist.get_rank()
+    rank = comm.rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's shards and RNG files are on disk
+    comm.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
         (ckpt_dir / tag / "DONE").write_text(f"{step}\n")
         tmp = ckpt_dir / f".{LATEST}.tmp"
@@ -66,7 +67,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
         os.replace(tmp, ckpt_dir / LATEST)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return tag
 
 
@@ -78,7 +79,7 @@ def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
-    rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+    rng_file = ckpt_dir / tag / f"rng_rank{comm.rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state

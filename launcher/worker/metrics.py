@@ -1,4 +1,4 @@
-"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), peak memory per rank, MFU, loss curve PNG."""
+"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), memory per rank, loss curve PNG. (MFU: the\nplanner's own function, launcher.plan.params.mfu, so both count FLOPs the same way.)"""
 
 from __future__ import annotations
 
@@ -10,26 +10,39 @@ from typing import Any, Dict, List, Optional
 import torch
 
 
-def peak_memory_bytes() -> int:
-    """CUDA max allocated on GPU; peak RSS (VmHWM) of this process on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+MEMORY_KEYS_GPU = ("mem_peak_gb", "mem_allocated_peak_gb", "mem_device_used_gb")
+MEMORY_KEYS_CPU = ("mem_peak_gb",)
+
+
+def memory_bytes() -> Dict[str, float]:
+    """This rank's memory, named by what it measures.
+
+    GPU: mem_peak_gb = torch.cuda.max_memory_reserved (what the caching allocator took from the device at
+    its peak: the unit of the planner's per-rank terms), mem_allocated_peak_gb = max_memory_allocated (live
+    tensors only), mem_device_used_gb = device total - free now (mem_get_info): the allocator's reservation
+    plus what sits outside it (CUDA context, NCCL buffers, cuBLAS workspaces; the planner's
+    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: mem_peak_gb = peak RSS of this process (VmHWM).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "mem_peak_gb": float(torch.cuda.max_memory_reserved()),
+            "mem_allocated_peak_gb": float(torch.cuda.max_memory_allocated()),
+            "mem_device_used_gb": float(total - free),
+        }
+    return {"mem_peak_gb": float(_vmhwm())}
+
+
+def memory_source() -> str:
+    return "cuda_max_memory_reserved" if torch.cuda.is_available() and torch.cuda.is_initialized() else "rss_vmhwm"
+
+
+def _vmhwm() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def flops_per_token(n_params: int, n_embedding: int, layers: int, hidden: int, seq_len: int) -> float:
-    """6 x (N - embedding) + 12 x L x H x T (PaLM appendix B; attention over T tokens, H = heads x head dim)."""
-    return 6.0 * (n_params - n_embedding) + 12.0 * layers * hidden * seq_len
-
-
-def mfu(tokens_per_sec: float, flops_tok: float, world: int, peak_tflops: Optional[float]) -> Optional[float]:
-    if not peak_tflops:
-        return None
-    return tokens_per_sec * flops_tok / (world * peak_tflops * 1e12)
 
 
 class MetricsLog:
