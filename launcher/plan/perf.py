@@ -132,4 +132,5 @@ def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
 
     step = compute_s + comm_s + offload_s
     tokens_per_s = tokens_per_step / step
-    return StepEstimate(step, tokens_per_s, mfu(tokens_per_s, model_flops, topo.world_size, peak), compute_s, comm_s, offload_s, tokens_per_step)
+    achieved = mfu(tokens_per_s, model_flops, topo.world_size, peak)
+    return StepEstimate(step, tokens_per_s, achieved, compute_s, comm_s, offload_s, tokens_per_step)

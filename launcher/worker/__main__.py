@@ -22,7 +22,6 @@ def main() -> int:
     from omegaconf import OmegaConf
 
     from launcher.worker import comm
-
     from launcher.worker.status import StopRun, write_status
     from launcher.worker.train import Context, train
 

@@ -105,7 +105,9 @@ def barrier() -> None:
 def others_wait(minutes: int) -> Iterator[None]:
     """The other ranks wait, on a gloo group with its own long timeout, while this block runs (rank 0's slow
     work, e.g. consolidating a large model, may outlast the collective timeout)."""
-    waiters = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)) if dist.get_world_size() > 1 else None
+    waiters = None
+    if dist.get_world_size() > 1:
+        waiters = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes))
     yield
     if waiters is not None:
         dist.barrier(group=waiters)

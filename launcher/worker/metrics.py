@@ -10,10 +10,6 @@ from typing import Any, Dict, List, Optional
 import torch
 
 
-MEMORY_KEYS_GPU = ("mem_peak_gb", "mem_allocated_peak_gb", "mem_device_used_gb")
-MEMORY_KEYS_CPU = ("mem_peak_gb",)
-
-
 def memory_bytes() -> Dict[str, float]:
     """This rank's memory, named by what it measures.
 
