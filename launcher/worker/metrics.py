@@ -1,4 +1,5 @@
-"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), memory per rank, loss curve PNG. (MFU: the\nplanner's own function, launcher.plan.params.mfu, so both count FLOPs the same way.)"""
+"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), memory per rank, loss curve PNG. (MFU: the
+planner's own function, launcher.plan.params.mfu, so both count FLOPs the same way.)"""
 
 from __future__ import annotations
 
