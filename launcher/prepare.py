@@ -16,11 +16,11 @@ from omegaconf import DictConfig, open_dict
 
 from launcher.config.compose import compose
 from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
-from launcher.config.topology import Topology, detect_local_gpus, resolve_topology
+from launcher.config.topology import Topology, detect_local_gpus, resolve_topology, visible_gpu_ids
 from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
 from launcher.errors import ConfigError
 from launcher.launch import rundir as rundir_io
-from launcher.launch.host import cpu_flags, deepspeed_executable, free_port
+from launcher.launch.host import cpu_flags, deepspeed_executable, free_port, usable_cpus
 from launcher.render import rundir
 from launcher.render.command import deepspeed_args, launch_script, rank_environment
 from launcher.render.ds_config import build_ds_config
@@ -46,8 +46,10 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         with open_dict(cfg.notes):
             cfg.notes["auto"] = auto_note
     notes = validate(cfg, topo)
+    # cluster=local launches on this node: its CUDA_VISIBLE_DEVICES decides which GPUs the ranks use.
+    visible = visible_gpu_ids(os.environ) if cfg.cluster.name == "local" else None
     if not cfg.dry_run:
-        check_node_has_gpus(cfg, topo, local_gpus)
+        check_node_has_gpus(cfg, topo, local_gpus, visible)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
     notes += _preflight(cfg, topo)
@@ -59,9 +61,9 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
 
     ds = build_ds_config(cfg, topo)
     port = cfg.cluster.master_port or free_port()
-    env = rank_environment(cfg, topo, os.cpu_count() or 1)
+    env = rank_environment(cfg, topo, usable_cpus(), os.environ)
     deepspeed_bin = deepspeed_executable()
-    args = deepspeed_args(cfg, topo, str(run_dir), port)
+    args = deepspeed_args(cfg, topo, str(run_dir), port, visible)
     command = [deepspeed_bin, *args]
     files = {
         "config.yaml": rundir.config_yaml(cfg),

@@ -32,7 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
         _, files = slurm_files(
-            run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
+            run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node,
+            user_env=os.environ,
         )
     except ConfigError as exc:
         print(f"launcher: error: {exc}", file=sys.stderr, flush=True)

@@ -49,7 +49,7 @@ def _render(overrides: List[str], paths: Optional[slurm.JobPaths] = None, name: 
         cfg.name = name  # set directly: Hydra's override quoting is not the shell's
     topo = resolve_topology(cfg, 0)
     validate(cfg, topo)
-    env = rank_environment(cfg, topo, slurm.cpus_per_task(topo) or 1)
+    env = rank_environment(cfg, topo, slurm.cpus_per_task(topo))  # as slurm_files on a login node
     return slurm.sbatch_script(cfg, topo, env, paths or _paths("/shared/runs/job"))
 
 

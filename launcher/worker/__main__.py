@@ -16,8 +16,9 @@ def main() -> int:
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
 
-    from launcher.worker import signals
+    from launcher.worker import devices, signals
 
+    devices.apply(os.environ)  # before torch: CUDA reads CUDA_VISIBLE_DEVICES once, at initialisation
     signals.install()
     from omegaconf import OmegaConf
 

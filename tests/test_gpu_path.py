@@ -1,0 +1,105 @@
+"""The GPU launch path, checked without a GPU: which GPUs a launch uses, what it refuses, the threads and the
+device mapping each rank gets. GPU counts are injected (prepare(..., local_gpus=N)) and CUDA_VISIBLE_DEVICES
+is set per test; tests/conftest.py hides this host's GPUs from everything else. What only a real GPU can
+show is listed in docs/gpu.md and run by scripts/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.config.topology import visible_gpu_ids
+from launcher.errors import ConfigError
+from launcher.prepare import prepare
+from launcher.worker.devices import rank_visible_devices
+
+
+def _prepare(tmp_path, *overrides, local_gpus=None):
+    return prepare([*overrides, "cluster.master_port=29555", f"hydra.run.dir={tmp_path / 'run'}"],
+                   local_gpus=local_gpus)
+
+
+def _command_line(run) -> str:
+    return run.files["launch.sh"].splitlines()[-1]
+
+
+def test_visible_devices_give_the_ranks_and_the_include(tmp_path, monkeypatch):
+    """CUDA_VISIBLE_DEVICES=2,3 with hardware=local: 2 GPU ranks on GPUs 2 and 3, not 0 and 1."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    run = _prepare(tmp_path)  # the GPU count comes from CUDA_VISIBLE_DEVICES (detect_local_gpus)
+    assert (run.topo.ranks_per_node, run.topo.accelerator) == (2, "cuda")
+    line = _command_line(run)
+    assert line.split(" ", 2)[2] == (
+        f"--include localhost:2,3 --master_port 29555 --no_local_rank --module launcher.worker "
+        f"--run-dir {run.run_dir}"
+    )
+    assert "--num_gpus" not in line and "--num_nodes" not in line  # the runner refuses them with --include
+
+
+def test_no_visible_devices_variable_keeps_num_gpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    run = _prepare(tmp_path, "hardware=8xh100", local_gpus=8)
+    assert " --num_gpus 8 --num_nodes 1 --master_port 29555 " in _command_line(run)
+
+
+def test_profile_wanting_more_gpus_than_visible_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ConfigError, match=r'^hardware: needs 8 GPUs per node but CUDA_VISIBLE_DEVICES="2,3" '
+                                          r"makes 2 visible; use hardware=local"):
+        _prepare(tmp_path, "hardware=8xh100")
+    assert not (tmp_path / "run").exists()
+    # A dry run only renders (for another machine): not refused.
+    assert _prepare(tmp_path, "hardware=8xh100", "dry_run=true").topo.world_size == 8
+
+
+def test_gpu_uuids_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+    with pytest.raises(ConfigError, match=r"^CUDA_VISIBLE_DEVICES: .* is not a list of GPU indices"):
+        _prepare(tmp_path)
+
+
+@pytest.mark.parametrize("value,ids", [("", []), ("2,3", ["2", "3"]), (" 4 , 5 ", ["4", "5"]), ("0,-1,2", ["0"])])
+def test_visible_gpu_ids(value, ids):
+    assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": value}) == ids
+    assert visible_gpu_ids({}) is None
+
+
+def test_omp_threads_per_gpu_rank(tmp_path, monkeypatch):
+    """OMP_NUM_THREADS = usable cores / ranks per node, unless the user set it."""
+    import launcher.prepare as prep
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(prep, "usable_cpus", lambda: 48)
+    assert "export OMP_NUM_THREADS=12\n" in _prepare(tmp_path).files["launch.sh"]  # 48 cores / 4 ranks
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert "OMP_NUM_THREADS" not in _prepare(tmp_path).files["launch.sh"]  # the user's value is inherited
+
+
+def test_omp_threads_in_the_slurm_job_come_from_the_allocation(tmp_path, monkeypatch):
+    from launcher.launch.host import deepspeed_executable
+    from launcher.render.sbatch import sbatch_name, slurm_files
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run = _prepare(tmp_path, "cluster=slurm", "hardware=8xh100", local_gpus=0)
+    script = run.files[sbatch_name(run.cfg.name)]
+    assert "OMP_NUM_THREADS" not in script  # rendered on a login node: the job's cores are unknown here
+    assert 'export LAUNCHER_JOB_GPUS="${CUDA_VISIBLE_DEVICES-${SLURM_JOB_GPUS-}}"' in script
+    _, files = slurm_files(run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=96)
+    assert "export OMP_NUM_THREADS=12\n" in files[sbatch_name(run.cfg.name)]  # 96 allocated cores / 8 ranks
+
+
+@pytest.mark.parametrize("env,expected", [
+    # The runner renumbered the node's 4 GPUs 0..3; SLURM gave the step GPUs 4-7 (no device cgroup).
+    ({"LAUNCHER_JOB_GPUS": "4,5,6,7", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4,5,6,7"),
+    # With a device cgroup SLURM's own list is already 0..n-1: unchanged.
+    ({"LAUNCHER_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0,1"}, "0,1"),
+    # The runner selected slots 1 and 3 of the node (an --include filter).
+    ({"LAUNCHER_JOB_GPUS": "4,5,6,7", "CUDA_VISIBLE_DEVICES": "1,3"}, "5,7"),
+    ({"LAUNCHER_JOB_GPUS": "2,3"}, "2,3"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, None),  # not under SLURM: keep what the runner set
+    ({"LAUNCHER_JOB_GPUS": "4,5", "CUDA_VISIBLE_DEVICES": "GPU-x"}, None),
+    ({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0,1"}, ""),  # CPU ranks see no GPU
+])
+def test_slurm_gpu_slots_map_to_the_local_rank(env, expected):
+    assert rank_visible_devices(env) == expected
