@@ -103,3 +103,50 @@ def test_omp_threads_in_the_slurm_job_come_from_the_allocation(tmp_path, monkeyp
 ])
 def test_slurm_gpu_slots_map_to_the_local_rank(env, expected):
     assert rank_visible_devices(env) == expected
+
+
+# --- load-time host RAM -------------------------------------------------------------------------------------
+
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+             "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _llama3_8b_dir(tmp_path):
+    import json
+
+    model_dir = tmp_path / "llama3_8b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))  # the architecture is all the planner reads
+    return model_dir
+
+
+def test_zero2_8b_model_path_refused_for_host_ram_then_accepted(tmp_path):
+    """8 ranks each load the 8.03B model in bf16 under ZeRO-2: 8 x 16.06 GB = 119.7 GiB on the node."""
+    args = [f"model.path={_llama3_8b_dir(tmp_path)}", "hardware=8xh100", "zero=stage2", "precision=bf16",
+            "dry_run=true"]
+    with pytest.raises(ConfigError, match=r"^plan: loading model\.path needs 120 GiB host RAM per node \(8 ranks "
+                                          r"x 15\.0 GiB, each rank a full copy under ZeRO-2\), 95 GiB usable on "
+                                          r"8xh100 \(hardware\.host_ram_gib\); zero=stage3 fits at .*force=true"):
+        _prepare(tmp_path, *args, "hardware.host_ram_gib=96")
+    run = _prepare(tmp_path, *args, "hardware.host_ram_gib=2048")
+    assert run.cfg.zero.stage == 2 and run.cfg.model.num_hidden_layers == 32
+
+
+def test_load_bytes_by_stage_and_source(tmp_path):
+    from launcher.config.compose import compose
+    from launcher.config.resolve import adopt_hf_architecture
+    from launcher.config.topology import Topology
+    from launcher.plan.load import load_bytes_per_node
+
+    topo = Topology(1, 8, "cuda")
+    cfg, _ = compose(["model=llama3_8b", "hardware=8xh100", "precision=bf16"])
+    n = 8_030_261_248
+    assert load_bytes_per_node(cfg, topo, 2) == 8 * n * 4  # built from the config: fp32, DeepSpeed casts
+    cfg.model.path = str(_llama3_8b_dir(tmp_path))
+    adopt_hf_architecture(cfg)
+    assert load_bytes_per_node(cfg, topo, 2) == 8 * n * 2  # loaded in the training dtype
+    # ZeRO-3: a partition and the largest tensor (the 128256 x 4096 embedding) per rank.
+    assert load_bytes_per_node(cfg, topo, 3) == 8 * 2 * (-(-n // 8) + 128256 * 4096)
+    assert load_bytes_per_node(cfg, Topology(1, 2, "cpu"), 2) == 0
