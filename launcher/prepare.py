@@ -20,6 +20,7 @@ from launcher.config.topology import Topology, detect_local_gpus, resolve_topolo
 from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
 from launcher.errors import ConfigError
 from launcher.launch import rundir as rundir_io
+from launcher.launch.gpus import check_gpu_model, query_gpus, smallest_memory_bytes
 from launcher.launch.host import cpu_flags, deepspeed_executable, free_port, usable_cpus
 from launcher.render import rundir
 from launcher.render.command import deepspeed_args, launch_script, rank_environment
@@ -36,23 +37,33 @@ class PreparedRun:
     notes: List[str]
 
 
-def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True) -> PreparedRun:
-    """Compose and validate the config and render every artifact, writing nothing."""
+def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True,
+            on_node: Optional[bool] = None) -> PreparedRun:
+    """Compose and validate the config and render every artifact, writing nothing.
+
+    on_node: this host is where the ranks run (default: cluster=local; the SLURM job entry passes True), so
+    its GPUs are compared with the hardware profile and their measured memory is what the planner uses.
+    """
     cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
+    on_node = cfg.cluster.name == "local" if on_node is None else on_node
+    # The ranks launch on this node: its CUDA_VISIBLE_DEVICES decides which GPUs they use.
+    visible = visible_gpu_ids(os.environ) if on_node else None
+    gpus = query_gpus() if on_node and not cfg.dry_run and topo.accelerator == "cuda" else None
+    gpu_mem = smallest_memory_bytes(gpus or [], visible)
     auto_note = None
     if cfg.zero.auto or cfg.activation_checkpointing.name == "auto":
-        overrides, auto_note = _resolve_auto(cfg, topo, overrides)
+        overrides, auto_note = _resolve_auto(cfg, topo, overrides, gpu_mem)
         cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
         with open_dict(cfg.notes):
             cfg.notes["auto"] = auto_note
     notes = validate(cfg, topo)
-    # cluster=local launches on this node: its CUDA_VISIBLE_DEVICES decides which GPUs the ranks use.
-    visible = visible_gpu_ids(os.environ) if cfg.cluster.name == "local" else None
     if not cfg.dry_run:
-        check_node_has_gpus(cfg, topo, local_gpus, visible)
+        if cfg.cluster.name == "local":
+            check_node_has_gpus(cfg, topo, local_gpus, visible)
+        notes += check_gpu_model(cfg, gpus or [], visible)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
-    notes += _preflight(cfg, topo)
+    notes += _preflight(cfg, topo, gpu_mem)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
     run_dir = Path(run_dir_text).resolve()
@@ -98,14 +109,15 @@ def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None)
     return cfg, run_dir_text, resolve_topology(cfg, local_gpus), local_gpus
 
 
-def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):
+def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str], gpu_mem: Optional[int] = None):
     """zero=auto / activation_checkpointing=auto: the planner's fastest setup predicted to fit, as overrides."""
     from launcher.plan import choose_auto
 
     auto_zero = bool(cfg.zero.auto)
     auto_offload = auto_zero and not any(o.startswith("offload=") for o in overrides)
     auto_ac = cfg.activation_checkpointing.name == "auto"
-    choice = choose_auto(cfg, topo, auto_zero=auto_zero, auto_offload=auto_offload, auto_ac=auto_ac)
+    choice = choose_auto(cfg, topo, auto_zero=auto_zero, auto_offload=auto_offload, auto_ac=auto_ac,
+                         gpu_mem_bytes=gpu_mem)
     decided = (("zero",) if auto_zero else ()) + (("offload",) if auto_offload else ()) + (
         ("activation_checkpointing",) if auto_ac else ())
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in decided
@@ -113,11 +125,12 @@ def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):
     return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
 
 
-def _preflight(cfg: DictConfig, topo: Topology) -> List[str]:
-    """Refuse a config the planner predicts will not fit (force=true launches anyway)."""
+def _preflight(cfg: DictConfig, topo: Topology, gpu_mem: Optional[int] = None) -> List[str]:
+    """Refuse a config the planner predicts will not fit (force=true launches anyway). gpu_mem: one GPU's
+    measured memory (nvidia-smi) when the ranks run here; otherwise the profile's gpu_memory_gib."""
     from launcher.plan import preflight
 
-    result = preflight(cfg, topo)
+    result = preflight(cfg, topo, gpu_mem_bytes=gpu_mem)
     if not result.fits and not cfg.force:
         raise ConfigError("plan", f"{result.message}; force=true launches anyway")
     return [f"plan: {result.message}" if not result.message.startswith("plan") else result.message]

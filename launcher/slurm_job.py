@@ -29,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         alloc = allocation_from_env(os.environ)
-        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node)
+        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node, on_node=True)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node,

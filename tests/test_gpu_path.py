@@ -37,7 +37,7 @@ def test_visible_devices_give_the_ranks_and_the_include(tmp_path, monkeypatch):
 
 
 def test_no_visible_devices_variable_keeps_num_gpus(tmp_path, monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     run = _prepare(tmp_path, "hardware=8xh100", local_gpus=8)
     assert " --num_gpus 8 --num_nodes 1 --master_port 29555 " in _command_line(run)
 
@@ -150,3 +150,59 @@ def test_load_bytes_by_stage_and_source(tmp_path):
     # ZeRO-3: a partition and the largest tensor (the 128256 x 4096 embedding) per rank.
     assert load_bytes_per_node(cfg, topo, 3) == 8 * 2 * (-(-n // 8) + 128256 * 4096)
     assert load_bytes_per_node(cfg, Topology(1, 2, "cpu"), 2) == 0
+
+
+# --- the GPU the node has vs the profile ------------------------------------------------------------------
+
+def _fake_nvidia_smi(tmp_path, monkeypatch, line: str, count: int = 8) -> None:
+    """A stub `nvidia-smi` first on PATH: it stands in for the hardware, printing `count` copies of `line`
+    for the --query-gpu call the launcher makes (launcher.launch.gpus.QUERY)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for _ in range(count)))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+A100_40 = "NVIDIA A100-SXM4-40GB, 40960 MiB, 8.0"
+H100 = "NVIDIA H100 80GB HBM3, 81559 MiB, 9.0"
+
+
+def test_parse_nvidia_smi_query():
+    from launcher.launch.gpus import parse_query
+
+    gpus = parse_query(f"{H100}\n{A100_40}\ngarbage\n")
+    assert [(g.name, round(g.memory_gib, 1), g.compute_cap) for g in gpus] == [
+        ("NVIDIA H100 80GB HBM3", 79.6, "9.0"), ("NVIDIA A100-SXM4-40GB", 40.0, "8.0")]
+
+
+def test_h100_profile_on_a100_40g_nodes_is_refused(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, A100_40)
+    with pytest.raises(ConfigError, match=r"^hardware: hardware=8xh100 expects H100.* GPUs with 80 GiB but this "
+                                          r"node has NVIDIA A100-SXM4-40GB with 40\.0 GiB; use "
+                                          r"hardware=8xa100_40g, or force=true to launch anyway$"):
+        _prepare(tmp_path, "hardware=8xh100", local_gpus=8)
+
+
+def test_force_launches_anyway_and_the_plan_uses_the_measured_memory(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, A100_40)
+    run = _prepare(tmp_path, "hardware=8xh100", "force=true", local_gpus=8)
+    assert any("expects H100" in n and "force=true" in n for n in run.notes)
+    assert any("39.0 GiB usable on 8xh100" in n for n in run.notes), run.notes  # 40 GiB - 1 GiB context
+
+
+def test_matching_gpus_pass_and_unknown_gpus_point_to_local(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, H100)  # 79.6 GiB is an "80 GiB" H100
+    assert _prepare(tmp_path, "hardware=8xh100", local_gpus=8).topo.world_size == 8
+    _fake_nvidia_smi(tmp_path, monkeypatch, "Tesla V100-SXM2-32GB, 32768 MiB, 7.0")
+    with pytest.raises(ConfigError, match=r"use hardware=local \(no profile describes this GPU\)"):
+        _prepare(tmp_path, "hardware=8xa100", local_gpus=8)
+
+
+def test_no_nvidia_smi_means_no_check(tmp_path, monkeypatch):
+    from launcher.launch.gpus import query_gpus
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert query_gpus() is None

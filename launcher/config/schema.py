@@ -92,6 +92,9 @@ class HardwareConfig:
     gpus_per_node: Optional[int] = None
     # Ranks per node when the node has no GPU (DeepSpeed's CPU accelerator, gloo backend).
     cpu_ranks: int = 2
+    # What nvidia-smi must report at launch (a regular expression, e.g. "H100", "A100"); with gpu_memory_gib
+    # (within 8%) it tells an A100-40GB from an A100-80GB. null: not checked.
+    gpu_name: Optional[str] = None
     gpu_memory_gib: Optional[float] = None
     # Dense bf16/fp16 peak per GPU, TFLOP/s (MFU denominator). null: MFU is not reported.
     peak_tflops: Optional[float] = None
