@@ -206,3 +206,28 @@ def test_no_nvidia_smi_means_no_check(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert query_gpus() is None
+
+
+# --- MFU: one function for the planner and the worker --------------------------------------------------------
+
+def test_mfu_against_a_hand_computed_reference():
+    """tiny_llama with tied embeddings: the shared matrix is still the lm_head matmul, so nothing is subtracted."""
+    from launcher.config.compose import compose
+    from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
+
+    cfg, _ = compose(["model.tie_word_embeddings=true"])
+    shape = ModelShape.from_cfg(cfg.model)  # V=320, h=128, I=352, L=4, heads=4, kv=2 (head_dim 32)
+    # per layer: q,o 128x128 each, k,v 128x64 each, MLP 3 x 128 x 352, norms 2 x 128
+    per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128
+    params = 320 * 128 + 4 * per_layer + 128  # embedding (= lm_head) + layers + final norm
+    seq = 128
+    flops = 6 * params + 12 * 4 * 4 * 32 * seq
+    assert count_params(shape).total == params
+    assert flops_per_token(shape, count_params(shape), seq) == flops
+    # 8 GPUs at 989 TFLOP/s, 1e6 tokens/s in all.
+    assert mfu(1e6, flops, 8, 989) == pytest.approx(1e6 * flops / (8 * 989e12))
+    assert mfu(1e6, flops, 8, None) is None  # CPU ranks: no peak, no MFU
+    untied, _ = compose([])
+    s2 = ModelShape.from_cfg(untied.model)
+    # Untied: the input embedding is a lookup (excluded), the separate lm_head is counted.
+    assert flops_per_token(s2, count_params(s2), seq) == flops
