@@ -29,6 +29,7 @@ for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime d
   mod=${pair%%:*}; wheel=${pair#*:}
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$wheel")
 done
+case " ${missing[*]:-} " in *" pydantic "*) missing+=(pydantic_core annotated_types typing_inspection) ;; esac
 if [ ${#missing[@]} -gt 0 ]; then
   wheels=()
   for w in "${missing[@]}"; do
