@@ -69,7 +69,12 @@ print("state=%s; last: %s" % (st.get("state"), ", ".join(f"{k}={last[k]}" for k 
 sys.exit(0 if ok else 1)
 PY
 }
-plan_line() { grep -m1 -o "plan: .*" "$WORK/$1.log" | cut -c1-220; }
+plan_expect() {  # plan_expect overrides... -> the planner's numbers in the metrics' names, to set beside them
+  "$PY" -m launcher.plan "$@" format=json 2>/dev/null | "$PY" -c 'import json, sys
+c = json.load(sys.stdin)["current"]
+keys = ("expect_mem_peak_gb", "expect_mem_device_used_gb", "tokens_per_s_per_gpu", "mfu", "total_gib")
+print("plan: " + ", ".join(f"{k}={c.get(k)}" for k in keys))' || echo "plan: unavailable"
+}
 
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 case "$GPU_NAME" in
@@ -129,18 +134,19 @@ PY
 rm -rf "$WORK/sigterm" "$WORK/fp16"
 
 # 5. ~1B, ZeRO-3 + activation checkpointing + CPU optimizer offload at seq 2048: measured memory vs the plan
-launch z3_offload 420 "${LLAMA_1B[@]}" precision=bf16 zero=stage3 offload=cpu activation_checkpointing=full \
-  train.micro_batch_size=1 train.max_steps=4 train.log_every=2 train.save_every=100000 "${PEAK_ARG[@]}"
+Z3=("${LLAMA_1B[@]}" precision=bf16 zero=stage3 offload=cpu activation_checkpointing=full train.micro_batch_size=1
+    "${PEAK_ARG[@]}")
+launch z3_offload 420 "${Z3[@]}" train.max_steps=4 train.log_every=2 train.save_every=100000
 d=$(check "$WORK/z3_offload" 'st.get("state") == "completed" and math.isfinite(last["loss"]) and last["mem_peak_gb"] > 0')
-[ $? -eq 0 ] && result "~1B ZeRO-3 + AC + CPU offload, seq 2048" PASS "$d; $(plan_line z3_offload)" \
+[ $? -eq 0 ] && result "~1B ZeRO-3 + AC + CPU offload, seq 2048" PASS "$d; $(plan_expect "${Z3[@]}")" \
   || result "~1B ZeRO-3 + AC + CPU offload, seq 2048" FAIL "$d; log $WORK/z3_offload.log"
 rm -rf "$WORK/z3_offload/checkpoints"
 
 # 6. ~1B ZeRO-2 bf16: tokens/s and MFU beside the plan's prediction
-launch z2_speed 360 "${LLAMA_1B[@]}" precision=bf16 zero=stage2 train.micro_batch_size=2 train.max_steps=12 \
-  train.log_every=4 train.save_every=100000 "${PEAK_ARG[@]}"
+Z2=("${LLAMA_1B[@]}" precision=bf16 zero=stage2 train.micro_batch_size=2 "${PEAK_ARG[@]}")
+launch z2_speed 360 "${Z2[@]}" train.max_steps=12 train.log_every=4 train.save_every=100000
 d=$(check "$WORK/z2_speed" 'st.get("state") == "completed" and last["tokens_per_sec"] > 0 and math.isfinite(last["loss"])')
-[ $? -eq 0 ] && result "~1B ZeRO-2 bf16 tokens/s, MFU" PASS "$d; $(plan_line z2_speed)" \
+[ $? -eq 0 ] && result "~1B ZeRO-2 bf16 tokens/s, MFU" PASS "$d; $(plan_expect "${Z2[@]}")" \
   || result "~1B ZeRO-2 bf16 tokens/s, MFU" FAIL "$d; log $WORK/z2_speed.log"
 rm -rf "$WORK/z2_speed/checkpoints"
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from launcher.config.topology import Topology, batch_shape
 from launcher.plan.capacity import Capacity, capacity
 from launcher.plan.load import load_bytes_per_node
-from launcher.plan.memory import GIB, MemoryBreakdown, Setup, estimate_memory
+from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, MemoryBreakdown, Setup, estimate_memory
 from launcher.plan.params import ModelShape, count_params, flops_per_token
 from launcher.plan.perf import StepEstimate, estimate_step
 
@@ -33,6 +33,7 @@ class Row:
     micro_batch_size: int
     world_size: int
     load_per_node: int = 0  # host RAM per node while the ranks load the model (launcher.plan.load)
+    accelerator: str = "cuda"
 
     @property
     def device_fits(self) -> bool | None:
@@ -77,8 +78,19 @@ class Row:
             "tokens_per_s": _round(s.tokens_per_s, 0),
             "tokens_per_s_per_gpu": _round(None if s.tokens_per_s is None else s.tokens_per_s / self.world_size, 0),
             "mfu": _round(s.mfu, 3),
+            **self.expected_metrics(),
             "terms_bytes": dict(m.terms),
         }
+
+    def expected_metrics(self) -> dict[str, float]:
+        """The plan in the worker's metric names and unit (GB = 1e9 bytes), to set beside metrics.jsonl.
+        GPU: the allocator's reservation is everything but the fixed framework term (NCCL buffers and the like
+        sit outside it); the device's used memory adds the CUDA context. CPU: the process's peak RSS."""
+        m = self.memory
+        if self.accelerator == "cpu":
+            return {"expect_mem_peak_gb": round(m.total / 1e9, 3)}
+        return {"expect_mem_peak_gb": round((m.total - m.terms.get("overhead.fixed", 0)) / 1e9, 3),
+                "expect_mem_device_used_gb": round((m.total + CUDA_CONTEXT_RESERVE_GIB * GIB) / 1e9, 3)}
 
 
 def gib(nbytes: float) -> float:
@@ -103,7 +115,7 @@ def evaluate(cfg: DictConfig, topo: Topology, setup: Setup, cap: Capacity,
     else:
         host = memory.host_offload_per_rank * topo.ranks_per_node
     load = load_bytes_per_node(cfg, topo, setup.zero_stage)
-    return Row(setup, memory, step, cap, host, micro, topo.world_size, load)
+    return Row(setup, memory, step, cap, host, micro, topo.world_size, load, topo.accelerator)
 
 
 @dataclass
