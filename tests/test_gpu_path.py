@@ -6,12 +6,14 @@ show is listed in docs/gpu.md and run by scripts/gpu_check.sh.
 
 from __future__ import annotations
 
+
 import pytest
 
 from launcher.config.topology import visible_gpu_ids
 from launcher.errors import ConfigError
 from launcher.prepare import prepare
 from launcher.worker.devices import rank_visible_devices
+
 
 
 def _prepare(tmp_path, *overrides, local_gpus=None):
@@ -231,3 +233,26 @@ def test_mfu_against_a_hand_computed_reference():
     s2 = ModelShape.from_cfg(untied.model)
     # Untied: the input embedding is a lookup (excluded), the separate lm_head is counted.
     assert flops_per_token(s2, count_params(s2), seq) == flops
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_model_path_loads_in_the_training_dtype(tmp_path, precision, dtype):
+    """ZeRO-1/2 path of launcher.worker.model.build_model (no process group needed): weights arrive in the
+    dtype DeepSpeed trains in, equal to the checkpoint's values cast once."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from launcher.config.compose import compose
+    from launcher.models.hf_config import llama_config
+    from launcher.worker.model import build_model
+
+    cfg, _ = compose([f"precision={precision}", "zero=stage2"])
+    torch.manual_seed(7)
+    saved = LlamaForCausalLM(llama_config(cfg.model))
+    saved.save_pretrained(tmp_path / "m")
+    cfg.model.path = str(tmp_path / "m")
+    model, keep_alive = build_model(cfg, {}, 0)
+    assert keep_alive is None
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(w, saved.model.layers[0].mlp.up_proj.weight.to(w.dtype))
