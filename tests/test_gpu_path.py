@@ -6,14 +6,12 @@ show is listed in docs/gpu.md and run by scripts/gpu_check.sh.
 
 from __future__ import annotations
 
-
 import pytest
 
 from launcher.config.topology import visible_gpu_ids
 from launcher.errors import ConfigError
 from launcher.prepare import prepare
 from launcher.worker.devices import rank_visible_devices
-
 
 
 def _prepare(tmp_path, *overrides, local_gpus=None):
