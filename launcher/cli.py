@@ -31,6 +31,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     for note in run.notes:
         print(note, file=sys.stderr)
+    if not run.cfg.dry_run and run.cfg.cluster.name != "slurm":
+        from launcher.launch.resume import finished_step
+
+        done = finished_step(run.run_dir, int(run.cfg.train.max_steps))
+        if done is not None:  # no rank starts, nothing is rewritten
+            print(f"run dir: {run.run_dir}\nalready at step {done} >= train.max_steps={run.cfg.train.max_steps}; "
+                  "nothing to do (raise train.max_steps to train further)")
+            return 0
+    if run.world_change is not None and not run.cfg.dry_run and run.cfg.cluster.name != "slurm":
+        from launcher.launch.resume import convert_checkpoint
+
+        try:  # before any file is rewritten: a failed conversion leaves the run dir as it was
+            for line in convert_checkpoint(run.world_change):
+                print(line, file=sys.stderr)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
     write_files(run.run_dir, run.files, executable=("launch.sh",))
     shape = batch_shape(run.cfg, run.topo)
     print(

@@ -22,6 +22,7 @@ from launcher.errors import ConfigError
 from launcher.launch import rundir as rundir_io
 from launcher.launch.gpus import check_gpu_model, query_gpus, smallest_memory_bytes
 from launcher.launch.host import cpu_flags, deepspeed_executable, free_port, usable_cpus
+from launcher.launch.resume import WorldChange, adopt_checkpoint_batch, universal_ds_config
 from launcher.render import rundir
 from launcher.render.command import deepspeed_args, launch_script, rank_environment
 from launcher.render.ds_config import build_ds_config
@@ -35,6 +36,8 @@ class PreparedRun:
     files: Dict[str, str]
     command: List[str]
     notes: List[str]
+    # Set when the run's latest checkpoint was saved at another world size (launcher.launch.resume).
+    world_change: Optional[WorldChange] = None
 
 
 def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_resume: bool = True,
@@ -56,6 +59,9 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
         with open_dict(cfg.notes):
             cfg.notes["auto"] = auto_note
+    run_dir = Path(run_dir_text).resolve()
+    # A resume keeps the checkpoint's global batch (micro x accum re-derived for this world) before validating.
+    world_change = adopt_checkpoint_batch(cfg, topo, run_dir) if check_resume else None
     notes = validate(cfg, topo)
     if not cfg.dry_run:
         if cfg.cluster.name == "local":
@@ -66,11 +72,13 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
     notes += _preflight(cfg, topo, gpu_mem)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
-    run_dir = Path(run_dir_text).resolve()
     if check_resume:
         rundir_io.check_resumable(run_dir, cfg)
 
     ds = build_ds_config(cfg, topo)
+    if world_change is not None:
+        ds = universal_ds_config(ds)
+        notes.append(world_change.describe())
     port = cfg.cluster.master_port or free_port()
     env = rank_environment(cfg, topo, usable_cpus(), os.environ)
     deepspeed_bin = deepspeed_executable()
@@ -90,7 +98,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         from launcher.render.hostfile import hostfile_files
 
         command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
-    return PreparedRun(cfg, topo, run_dir, files, command, notes)
+    return PreparedRun(cfg, topo, run_dir, files, command, notes, world_change)
 
 
 def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None):

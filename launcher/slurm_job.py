@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from launcher.errors import ConfigError
 from launcher.launch.host import deepspeed_executable
+from launcher.launch.resume import convert_checkpoint
 from launcher.launch.rundir import write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
 from launcher.prepare import prepare
@@ -31,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         alloc = allocation_from_env(os.environ)
         run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node, on_node=True)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
+        if run.world_change is not None and not run.cfg.dry_run:  # resubmitted on another --nodes
+            notes += convert_checkpoint(run.world_change)
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node,
             user_env=os.environ,

@@ -22,6 +22,13 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.keep_last",
     "train.export_at_end",
+    # The world may change between launches (a node lost, a bigger allocation): launcher.launch.resume keeps the
+    # checkpoint's global batch, re-derives micro x accum and converts the ZeRO state.
+    "hardware.cpu_ranks",
+    "hardware.gpus_per_node",
+    "cluster.nodes",
+    "train.micro_batch_size",
+    "train.global_batch_size",
     "dry_run",
     "force",
     "cluster.master_port",

@@ -6,6 +6,7 @@ has finished writing: a crash mid-save leaves the previous checkpoint as the one
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,6 +19,9 @@ import torch
 from launcher.worker import comm
 
 LATEST = "latest"
+# The checkpoint's shape, read by the launcher (launcher.launch.resume) before a resume on another world size.
+INFO = "launcher.json"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -61,18 +65,47 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     comm.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
+        (ckpt_dir / tag / INFO).write_text(json.dumps(checkpoint_info(engine, step), indent=1) + "\n")
         (ckpt_dir / tag / "DONE").write_text(f"{step}\n")
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        # A normal checkpoint at this world size now exists: universal copies made for this resume are spent.
+        for spent in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
+            shutil.rmtree(spent, ignore_errors=True)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)
     comm.barrier()
     return tag
 
 
+def checkpoint_info(engine: Any, step: int) -> Dict[str, Any]:
+    offload = engine.zero_offload_optimizer()  # DeepSpeedZeroOffloadOptimizerConfig or None
+    device = getattr(offload, "device", None) if offload else None
+    return {
+        "step": step,
+        "world_size": comm.world_size(),  # data-parallel size: no tensor or pipeline parallelism here
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "global_batch": int(engine.train_batch_size()),
+        "micro_batch": int(engine.train_micro_batch_size_per_gpu()),
+        "gradient_accumulation": int(engine.gradient_accumulation_steps()),
+        "offload_device": str(getattr(device, "value", device) or "none"),
+        "frozen_params": any(not p.requires_grad for p in engine.module.parameters()),
+    }
+
+
 def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
-    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start)."""
+    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start).
+    With `load_universal` set (the launcher converted a checkpoint saved at another world size), the
+    universal copy named by `latest_universal` is loaded instead; per-rank RNG state does not carry over."""
+    if engine.load_universal_checkpoint():
+        pointer = ckpt_dir / "latest_universal"
+        tag = pointer.read_text().strip()
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"universal checkpoint {ckpt_dir / tag} could not be loaded")
+        return client_state
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
