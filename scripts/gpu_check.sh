@@ -7,7 +7,8 @@
 #
 # Packages the machine lacks (hydra-core, omegaconf, deepspeed, ...) come from gpu_wheels/, built beforehand
 # where there is internet by scripts/gpu_wheels.sh; they are installed into a scratch dir on PYTHONPATH,
-# never into the machine's Python. PYTHON=... picks the interpreter; GPU_CHECK_DIR=... keeps the run dirs.
+# never into the machine's Python. PYTHON=... picks the interpreter; GPU_CHECK_DIR=... keeps the run dirs;
+# GPU_CHECKS="1 3" runs only those checks (4 reuses the run of 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -16,7 +17,7 @@ REPORT=${1:-gpu_check_report.md}
 WORK=${GPU_CHECK_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0}  # set but empty: CPU ranks (a dry run of this script)
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 export LAUNCHER_DIST_TIMEOUT_MIN=5
 
@@ -40,6 +41,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   export PATH="$SITE/bin:$PATH"
 fi
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+want() { case " ${GPU_CHECKS:-1 2 3 4 5 6} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 # --- bookkeeping ------------------------------------------------------------------------------------------
 ROWS=()
@@ -89,19 +92,24 @@ LLAMA_1B=(model.vocab_size=32000 model.hidden_size=2048 model.intermediate_size=
           train.seq_len=2048 data.builtin_documents=40000)
 
 # 1. default tiny run in bf16: loss falls, memory reported as the device's reserved memory
+if want 1; then
 launch bf16 300 precision=bf16 train.max_steps=30
 d=$(check "$WORK/bf16" 'st.get("state") == "completed" and len(rows) >= 2 and all(math.isfinite(r["loss"]) for r in rows)
   and rows[-1]["loss"] < rows[0]["loss"] - 0.5 and last["mem_source"] == "cuda_max_memory_reserved"
   and last["mem_peak_gb"] > 0 and last["mem_device_used_gb"] > 0 and last["tokens_per_sec_per_gpu"] > 0')
 [ $? -eq 0 ] && result "bf16 tiny, loss falls" PASS "$d" || result "bf16 tiny, loss falls" FAIL "$d; log $WORK/bf16.log"
 
+fi
 # 2. fp16: dynamic loss scale and skipped steps in the metrics
+if want 2; then
 launch fp16 240 precision=fp16 train.max_steps=30
 d=$(check "$WORK/fp16" 'st.get("state") == "completed" and "loss_scale" in last and "skipped_steps" in last
   and math.isfinite(last["loss"]) and rows[-1]["loss"] < rows[0]["loss"]')
 [ $? -eq 0 ] && result "fp16 tiny, loss scale" PASS "$d" || result "fp16 tiny, loss scale" FAIL "$d; log $WORK/fp16.log"
 
+fi
 # 3. SIGTERM -> checkpoint -> resume
+if want 3; then
 "$PY" -m launcher name=sigterm "hydra.run.dir=$WORK/sigterm" precision=bf16 train.max_steps=100000 train.log_every=5 \
   >"$WORK/sigterm.log" 2>&1 &
 pid=$!
@@ -120,7 +128,9 @@ else
   result "SIGTERM -> checkpoint -> resume" FAIL "no resume from step $step; log $WORK/sigterm.log"
 fi
 
+fi
 # 4. export the bf16 run and reload it on the GPU
+if want 4; then
 if timeout 180 "$PY" -m launcher.export "run_dir=$WORK/bf16" >"$WORK/export.log" 2>&1 && d=$("$PY" - "$WORK/bf16/hf" <<'PY'
 import math, sys, torch
 from transformers import AutoModelForCausalLM
@@ -133,7 +143,9 @@ PY
 ); then result "export + reload" PASS "$d"; else result "export + reload" FAIL "log $WORK/export.log"; fi
 rm -rf "$WORK/sigterm" "$WORK/fp16"
 
+fi
 # 5. ~1B, ZeRO-3 + activation checkpointing + CPU optimizer offload at seq 2048: measured memory vs the plan
+if want 5; then
 Z3=("${LLAMA_1B[@]}" precision=bf16 zero=stage3 offload=cpu activation_checkpointing=full train.micro_batch_size=1
     "${PEAK_ARG[@]}")
 launch z3_offload 420 "${Z3[@]}" train.max_steps=4 train.log_every=2 train.save_every=100000
@@ -142,13 +154,17 @@ d=$(check "$WORK/z3_offload" 'st.get("state") == "completed" and math.isfinite(l
   || result "~1B ZeRO-3 + AC + CPU offload, seq 2048" FAIL "$d; log $WORK/z3_offload.log"
 rm -rf "$WORK/z3_offload/checkpoints"
 
+fi
 # 6. ~1B ZeRO-2 bf16: tokens/s and MFU beside the plan's prediction
+if want 6; then
 Z2=("${LLAMA_1B[@]}" precision=bf16 zero=stage2 train.micro_batch_size=2 "${PEAK_ARG[@]}")
 launch z2_speed 360 "${Z2[@]}" train.max_steps=12 train.log_every=4 train.save_every=100000
 d=$(check "$WORK/z2_speed" 'st.get("state") == "completed" and last["tokens_per_sec"] > 0 and math.isfinite(last["loss"])')
 [ $? -eq 0 ] && result "~1B ZeRO-2 bf16 tokens/s, MFU" PASS "$d; $(plan_expect "${Z2[@]}")" \
   || result "~1B ZeRO-2 bf16 tokens/s, MFU" FAIL "$d; log $WORK/z2_speed.log"
 rm -rf "$WORK/z2_speed/checkpoints"
+
+fi
 
 # --- report -------------------------------------------------------------------------------------------------
 VERSIONS=$("$PY" - <<'PY'
