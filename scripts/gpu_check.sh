@@ -65,7 +65,7 @@ d = Path(sys.argv[1])
 rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] if (d / "metrics.jsonl").is_file() else []
 st = json.loads((d / "status.json").read_text()) if (d / "status.json").is_file() else {}
 last = rows[-1] if rows else {}
-ok = bool(eval(sys.argv[2]))
+ok = bool(eval(" ".join(line.strip() for line in sys.argv[2].splitlines())))
 keys = ("step", "loss", "tokens_per_sec", "tokens_per_sec_per_gpu", "mfu", "mem_peak_gb", "mem_allocated_peak_gb",
         "mem_device_used_gb", "mem_source", "loss_scale", "skipped_steps")
 print("state=%s; last: %s" % (st.get("state"), ", ".join(f"{k}={last[k]}" for k in keys if k in last)))
@@ -134,8 +134,9 @@ if want 4; then
 if timeout 180 "$PY" -m launcher.export "run_dir=$WORK/bf16" >"$WORK/export.log" 2>&1 && d=$("$PY" - "$WORK/bf16/hf" <<'PY'
 import math, sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, torch_dtype=torch.bfloat16).cuda()
-ids = torch.randint(0, 256, (1, 64), device="cuda")
+dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the script's dry run on CPU ranks
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, torch_dtype=torch.bfloat16).to(dev)
+ids = torch.randint(0, 256, (1, 64), device=dev)
 loss = float(m(input_ids=ids, labels=ids).loss)
 print(f"reloaded {sum(p.numel() for p in m.parameters()):,} params, loss {loss:.3f}")
 sys.exit(0 if math.isfinite(loss) else 1)
@@ -182,7 +183,7 @@ PY
   echo "# GPU check report"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(($(date +%s) - T0)) s"
-  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || true) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)"
   echo "- $VERSIONS"
   echo "- from wheels: ${missing[*]:-none}"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
