@@ -179,6 +179,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
       f"transformers {v('transformers')}, deepspeed {v('deepspeed')}, datasets {v('datasets')}")
 PY
 )
+VERSIONS=$(printf '%s\n' "$VERSIONS" | tail -1)  # deepspeed's import may log a line first
 {
   echo "# GPU check report"
   echo
