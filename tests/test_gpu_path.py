@@ -254,3 +254,19 @@ def test_model_path_loads_in_the_training_dtype(tmp_path, precision, dtype):
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
     w = model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(w, saved.model.layers[0].mlp.up_proj.weight.to(w.dtype))
+
+
+def test_the_slurm_job_entry_checks_the_gpus_it_got(tmp_path, monkeypatch, capsys):
+    """Inside the allocation (launcher.slurm_job) the node's GPUs are compared with the profile before any
+    rank starts; the refusal is one line in the job log and exit code 2."""
+    from launcher import slurm_job
+
+    _fake_nvidia_smi(tmp_path, monkeypatch, A100_40)
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "8",
+                       "SLURM_CPUS_ON_NODE": "64"}.items():
+        monkeypatch.setenv(key, value)
+    code = slurm_job.main(["hardware=8xh100", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err.startswith("launcher: error: hardware: hardware=8xh100 expects") and "hardware=8xa100_40g" in err
+    assert len(err.strip().splitlines()) == 1
