@@ -26,16 +26,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from launcher.config.compose import compose
-    from launcher.config.resolve import absolutize_paths
+    from launcher.prepare import compose_resolved
     from launcher.render.rundir import config_yaml
 
     try:
-        cfg, run_dir = compose(argv)
+        cfg, run_dir, _, _ = compose_resolved(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    absolutize_paths(cfg)
     cache_dir = cfg.data.cache_dir or str(Path(run_dir).resolve() / "cache")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

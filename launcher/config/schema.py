@@ -57,7 +57,8 @@ class ActivationCheckpointingConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    # auto: bf16 where the hardware has it, fp16 on GPUs without, fp32 on CPU ranks (resolved at launch).
+    name: str = "auto"
     # fp16 dynamic loss scaling (DeepSpeed's `loss_scale: 0`); ignored for fp32/bf16.
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
