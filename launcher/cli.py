@@ -12,7 +12,6 @@ import sys
 from typing import List, Optional, Sequence
 
 from launcher.config.flags import parse_flags
-from launcher.config.topology import batch_shape
 from launcher.errors import ConfigError
 from launcher.launch.rundir import write_files
 from launcher.prepare import prepare
@@ -94,17 +93,14 @@ def _run_point(overrides: List[str]) -> int:
 
 def run(overrides: List[str]) -> int:
     """One run: prepare -> write the run dir -> submit (cluster=slurm) or launch here."""
+    from launcher.render.summary import run_summary
+
     run = prepare(overrides)
     for note in run.notes:
-        print(note, file=sys.stderr)
+        if not note.startswith("plan"):  # the plan line is part of the summary
+            print(note, file=sys.stderr)
     write_files(run.run_dir, run.files, executable=("launch.sh",))
-    shape = batch_shape(run.cfg, run.topo)
-    print(
-        f"run dir: {run.run_dir}\n"
-        f"world: {run.topo.nodes} node(s) x {run.topo.ranks_per_node} {run.topo.accelerator} ranks; "
-        f"batch {shape.micro_batch_size} micro x {shape.gradient_accumulation_steps} accum x "
-        f"{shape.world_size} ranks = {shape.global_batch_size} sequences/step"
-    )
+    print(run_summary(run.cfg, run.topo, str(run.run_dir), run.notes), flush=True)
     if run.cfg.cluster.name == "slurm":
         from launcher.launch.slurm import submit
 

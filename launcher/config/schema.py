@@ -189,6 +189,8 @@ class LauncherConfig:
     dry_run: bool = False
     # Launch even when the memory plan predicts it will not fit.
     force: bool = False
+    # Show DeepSpeed's and torch's INFO/warnings on the terminal (otherwise only in <run_dir>/logs/rank<N>.log).
+    verbose: bool = False
     # Extra info (plan choices, experiment notes) that tools may attach; never read by the worker.
     notes: Dict[str, Any] = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = (
     "train.export_at_end",
     "dry_run",
     "force",
+    "verbose",
     "cluster.master_port",
     "cluster.time",
     "cluster.partition",
