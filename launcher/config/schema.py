@@ -164,8 +164,11 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
+    # DeepSpeed's monitors, written by rank 0 at every log step into the run dir: tensorboard/ (event files),
+    # wandb/ (WANDB_MODE=offline keeps it local), csv/. metrics.jsonl is always written.
     tensorboard: bool = False
     wandb: bool = False
+    csv: bool = False
     wandb_project: str = "launcher"
 
 

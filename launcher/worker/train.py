@@ -201,7 +201,11 @@ def train(ctx: Context) -> int:
 
 def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -> int:
     if ctx.rank == 0:
-        png = metrics.plot_loss(ctx.run_dir)
+        from launcher.worker.plot import plot_run
+
+        png, plot_note = plot_run(ctx.run_dir)
+        if plot_note:
+            console.say(f"[launcher] {plot_note}")
         write_status(ctx.run_dir, "completed", step)
         console.say(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
                     + (f", loss curve: {png}" if png else ""))
