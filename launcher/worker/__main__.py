@@ -41,7 +41,7 @@ def main() -> int:
         code = train(ctx)
     except StopRun as stop:
         if ctx.rank == 0:
-            console.say(f"error: {stop}")
+            console.error(f"error: {stop}")
             write_status(run_dir, stop.state, -1, str(stop))
         code = stop.code
     except Exception as exc:
@@ -49,7 +49,7 @@ def main() -> int:
         sys.stderr.flush()
         # The traceback is in this rank's log; the terminal and status.json get the error and where to look.
         message = f"rank {ctx.rank} failed: {type(exc).__name__}: {exc}".splitlines()[0]
-        console.say(f"error: {message} (traceback: {console.log_path()})")
+        console.error(f"error: {message} (traceback: {console.log_path()})")
         write_status(run_dir, "failed", -1, f"{message}; traceback in {console.log_path()}")
         _remove_own_shm_file()
         # Peers may be blocked in a collective; the deepspeed launcher kills them when this rank exits.

@@ -18,12 +18,13 @@ from typing import IO, Optional
 PROGRESS_SECONDS = float(os.environ.get("LAUNCHER_PROGRESS_SECONDS", "30"))
 
 _stream: IO[str] = sys.stdout
+_errors: IO[str] = sys.stderr
 _log_path: Optional[Path] = None
 
 
 def setup(run_dir: Path, rank: int, verbose: bool) -> None:
     """Point fds 1 and 2 at logs/rank<rank>.log (unless verbose); keep the terminal for say()."""
-    global _stream, _log_path
+    global _stream, _errors, _log_path
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     _log_path = logs / f"rank{rank}.log"
@@ -31,12 +32,13 @@ def setup(run_dir: Path, rank: int, verbose: bool) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    terminal = os.dup(1)
+    terminal, terminal_err = os.dup(1), os.dup(2)
     log_fd = os.open(_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
     _stream = os.fdopen(terminal, "w", buffering=1)
+    _errors = os.fdopen(terminal_err, "w", buffering=1)
 
 
 def log_path() -> Optional[Path]:
@@ -57,6 +59,14 @@ def say(line: str) -> None:
     _stream.flush()
     if _stream is not sys.stdout:
         print(line, flush=True)
+
+
+def error(line: str) -> None:
+    """An error line for the terminal's stderr (also kept in this rank's log)."""
+    _errors.write(line + "\n")
+    _errors.flush()
+    if _errors is not sys.stderr:
+        print(line, file=sys.stderr, flush=True)
 
 
 class Progress:
