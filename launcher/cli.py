@@ -111,4 +111,4 @@ def run(overrides: List[str]) -> int:
         return 0
     from launcher.launch.local import launch_local
 
-    return launch_local(run.run_dir, run.command, sys.argv[1:])
+    return launch_local(run.run_dir, run.command, overrides)
