@@ -31,6 +31,8 @@ def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: int) -> Dic
 def deepspeed_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: int) -> List[str]:
     """Runner arguments after the `deepspeed` executable, for a single-node (cluster=local) launch."""
     args = ["--num_gpus", str(topo.ranks_per_node), "--num_nodes", "1", "--master_port", str(master_port)]
+    if not cfg.get("verbose", False):
+        args += ["--log_level", "error"]  # the runner's INFO lines; verbose=true shows them
     return args + worker_args(run_dir)
 
 
