@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import DictConfig, open_dict
 
 from launcher.config.compose import compose
+from launcher.config.precision import resolve_auto_precision
 from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
 from launcher.config.topology import Topology, detect_local_gpus, resolve_topology, visible_gpu_ids
 from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
@@ -102,7 +103,8 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
 
 
 def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None):
-    """Compose, make paths absolute, adopt model.path / hostfile facts, and resolve the world shape.
+    """Compose, make paths absolute, adopt model.path / hostfile facts, resolve the world shape and
+    precision=auto.
     Returns (cfg, run dir text, topology, local GPU count)."""
     cfg, run_dir_text = compose(overrides)
     absolutize_paths(cfg)
@@ -114,7 +116,13 @@ def compose_resolved(overrides: Sequence[str], local_gpus: Optional[int] = None)
     if local_gpus is None and cfg.cluster.name == "slurm":
         local_gpus = 0  # the submit host says nothing about the nodes: GPU jobs name a GPU hardware profile
     local_gpus = detect_local_gpus() if local_gpus is None else local_gpus
-    return cfg, run_dir_text, resolve_topology(cfg, local_gpus), local_gpus
+    topo = resolve_topology(cfg, local_gpus)
+    if cfg.precision.name == "auto":  # the hardware decides; the run name then carries the resolved precision
+        overrides, note = resolve_auto_precision(cfg, topo, overrides)
+        cfg, run_dir_text, topo, local_gpus = compose_resolved(overrides, local_gpus)
+        with open_dict(cfg.notes):
+            cfg.notes["precision"] = note
+    return cfg, run_dir_text, topo, local_gpus
 
 
 def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str], gpu_mem: Optional[int] = None):

@@ -24,6 +24,9 @@ COMMON = ["train.max_steps=30", "train.global_batch_size=8", "train.micro_batch_
 # 1 rank (micro 4 x accum 2) and 2 ranks (4 x 1) reduce the same per-sample gradients in another order:
 # fp32 round-off only. Observed ~1e-6 relative; the bound leaves room without hiding a wrong state.
 LOSS_RTOL = 1e-4
+# bf16: forward and backward run in bf16 (8-bit mantissa) on fp32 master weights; other reduction orders
+# could move losses by bf16 round-off (observed: none, the losses were equal).
+BF16_LOSS_RTOL = 1e-2
 
 
 def launch(run_dir: Path, probe: Path, ranks: int, *extra: str, stop_at: int = 0, expect: int = 0):
@@ -53,8 +56,8 @@ def assert_state_equal(saved: Path, loaded: Path, step: int) -> None:
 @pytest.mark.parametrize("zero,extra", [
     ("stage1", []),
     ("stage2", ["offload=cpu"]),
-    ("stage3", []),
-], ids=["zero1", "zero2-offload", "zero3"])
+    ("stage3", ["precision=bf16"]),
+], ids=["zero1", "zero2-offload", "zero3-bf16"])
 def test_resume_on_another_world_size(zero, extra, tmp_path):
     opts = [f"zero={zero}", *extra]
     ref, split, probe = tmp_path / "ref", tmp_path / "split", tmp_path / "probe"
@@ -75,8 +78,11 @@ def test_resume_on_another_world_size(zero, extra, tmp_path):
     assert_state_equal(probe / "saved_20_w2.pt", probe / "loaded_20_w1.pt", 20)
     want, got = losses(ref), losses(split)
     assert sorted(got) == list(range(1, 31))
+    rtol = BF16_LOSS_RTOL if "precision=bf16" in extra else LOSS_RTOL
+    diffs = {step: abs(got[step] - want[step]) / abs(want[step]) for step in range(11, 31)}
+    print(f"[{zero} {extra}] max relative loss difference after the world changes: {max(diffs.values()):.2e}")
     for step in range(11, 31):  # the 20 steps after the two world changes
-        assert got[step] == pytest.approx(want[step], rel=LOSS_RTOL), step
+        assert got[step] == pytest.approx(want[step], rel=rtol), step
     # The last save is a normal checkpoint at 1 rank; the universal copies are gone.
     ckpts = split / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000030"

@@ -57,7 +57,8 @@ class ActivationCheckpointingConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    # auto: bf16 where the hardware has it, fp16 on GPUs without, fp32 on CPU ranks (resolved at launch).
+    name: str = "auto"
     # fp16 dynamic loss scaling (DeepSpeed's `loss_scale: 0`); ignored for fp32/bf16.
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
@@ -166,8 +167,11 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
+    # DeepSpeed's monitors, written by rank 0 at every log step into the run dir: tensorboard/ (event files),
+    # wandb/ (WANDB_MODE=offline keeps it local), csv/. metrics.jsonl is always written.
     tensorboard: bool = False
     wandb: bool = False
+    csv: bool = False
     wandb_project: str = "launcher"
 
 
@@ -191,6 +195,8 @@ class LauncherConfig:
     dry_run: bool = False
     # Launch even when the memory plan predicts it will not fit.
     force: bool = False
+    # Show DeepSpeed's and torch's INFO/warnings on the terminal (otherwise only in <run_dir>/logs/rank<N>.log).
+    verbose: bool = False
     # Extra info (plan choices, experiment notes) that tools may attach; never read by the worker.
     notes: Dict[str, Any] = field(default_factory=dict)
 

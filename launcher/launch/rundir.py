@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = (
     "train.global_batch_size",
     "dry_run",
     "force",
+    "verbose",
     "cluster.master_port",
     "cluster.time",
     "cluster.partition",

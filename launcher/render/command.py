@@ -46,10 +46,13 @@ def deepspeed_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: i
     0..N-1 (deepspeed/launcher/runner.py); the runner refuses --num_gpus/--num_nodes next to --include.
     """
     if topo.accelerator == "cuda" and visible_gpus:
-        placement = ["--include", "localhost:" + ",".join(visible_gpus[: topo.ranks_per_node])]
+        args = ["--include", "localhost:" + ",".join(visible_gpus[: topo.ranks_per_node])]
     else:
-        placement = ["--num_gpus", str(topo.ranks_per_node), "--num_nodes", "1"]
-    return [*placement, "--master_port", str(master_port), *worker_args(run_dir)]
+        args = ["--num_gpus", str(topo.ranks_per_node), "--num_nodes", "1"]
+    args += ["--master_port", str(master_port)]
+    if not cfg.get("verbose", False):
+        args += ["--log_level", "error"]  # the runner's INFO lines; verbose=true shows them
+    return args + worker_args(run_dir)
 
 
 def worker_args(run_dir: str) -> List[str]:

@@ -15,18 +15,24 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
+    rank = int(os.environ.get("RANK", "0"))
 
-    from launcher.worker import devices, signals
+    from launcher.worker import devices
 
     devices.apply(os.environ)  # before torch: CUDA reads CUDA_VISIBLE_DEVICES once, at initialisation
-    signals.install()
     from omegaconf import OmegaConf
+
+    from launcher.worker import console, signals
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    # Before torch/deepspeed print anything: their output goes to logs/rank<N>.log, ours to the terminal.
+    console.setup(run_dir, rank, bool(cfg.get("verbose", False)))
+    signals.install()
 
     from launcher.worker import comm
     from launcher.worker.status import StopRun, write_status
     from launcher.worker.train import Context, train
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
     ds_path = run_dir / "ds_config.json"
     ds = json.loads(ds_path.read_text())
     # A hung rendezvous or collective fails loudly after this long instead of hanging forever.
@@ -36,12 +42,16 @@ def main() -> int:
         code = train(ctx)
     except StopRun as stop:
         if ctx.rank == 0:
-            print(f"error: {stop}", file=sys.stderr, flush=True)
+            console.error(f"error: {stop}")
             write_status(run_dir, stop.state, -1, str(stop))
         code = stop.code
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
         sys.stderr.flush()
+        # The traceback is in this rank's log; the terminal and status.json get the error and where to look.
+        message = f"rank {ctx.rank} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        console.error(f"error: {message} (traceback: {console.log_path()})")
+        write_status(run_dir, "failed", -1, f"{message}; traceback in {console.log_path()}")
         _remove_own_shm_file()
         # Peers may be blocked in a collective; the deepspeed launcher kills them when this rank exits.
         os._exit(1)

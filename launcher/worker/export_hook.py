@@ -33,9 +33,10 @@ def _export(ctx: Any) -> Any:
     """Rank 0: export, print the outcome; returns an error message, or None on success."""
     from launcher.errors import ExportError
     from launcher.export.hf_dir import export, summary
+    from launcher.worker import console
 
     def log(line: str) -> None:
-        print(f"[launcher] export: {line.strip()}", flush=True)
+        console.say(f"[launcher] export: {line.strip()}")
 
     out = ctx.run_dir / EXPORT_DIR
     retry = f"python -m launcher.export run_dir={ctx.run_dir}"

@@ -1,12 +1,12 @@
-"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), memory per rank, loss curve PNG. (MFU: the
-planner's own function, launcher.plan.params.mfu, so both count FLOPs the same way.)"""
+"""Metrics: <run_dir>/metrics.jsonl (appended across resumes) and memory per rank. (MFU: the planner's own
+function, launcher.plan.params.mfu, so both count FLOPs the same way; loss.png: plot.py)"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -66,29 +66,3 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def plot_loss(run_dir: Path) -> Optional[Path]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("loss") is not None]
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from launcher.models.tokenizer import load_tokenizer
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
-from launcher.worker import act_ckpt, ckpt, comm, metrics, signals
+from launcher.worker import act_ckpt, ckpt, comm, console, metrics, signals
 from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, write_status
@@ -107,11 +106,11 @@ def train(ctx: Context) -> int:
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
         ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
-        print(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x {world} "
-              f"= {glob} sequences x {seq} tokens per step{ac}", flush=True)
+        console.say(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x "
+                    f"{world} = {glob} sequences x {seq} tokens per step{ac}")
     if start >= max_steps:
         if rank == 0:
-            print(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do", flush=True)
+            console.say(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do")
         return finish(ctx, engine, start, saved=True, keep_alive=keep_alive)
 
     bar = _progress(rank, start, max_steps)
@@ -186,8 +185,8 @@ def train(ctx: Context) -> int:
             saved_step = step
         if stop:
             if rank == 0:
-                print(f"\n[launcher] {signals.received() or 'signal'} received: checkpointed at step {step}, "
-                      "exiting; rerun the same command to resume", flush=True)
+                console.say(f"\n[launcher] {signals.received() or 'signal'} received: checkpointed at step {step}, "
+                            "exiting; rerun the same command to resume")
             if bar is not None:
                 bar.close()
             if log is not None:
@@ -205,10 +204,14 @@ def train(ctx: Context) -> int:
 
 def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -> int:
     if ctx.rank == 0:
-        png = metrics.plot_loss(ctx.run_dir)
+        from launcher.worker.plot import plot_run
+
+        png, plot_note = plot_run(ctx.run_dir)
+        if plot_note:
+            console.say(f"[launcher] {plot_note}")
         write_status(ctx.run_dir, "completed", step)
-        print(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
-              + (f", loss curve: {png}" if png else ""), flush=True)
+        console.say(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
+                    + (f", loss curve: {png}" if png else ""))
     if ctx.cfg.train.export_at_end:
         from launcher.worker.export_hook import export_at_end
 
@@ -225,11 +228,7 @@ def _teardown(engine: Any, keep_alive: Any) -> None:
 
 
 def _progress(rank: int, start: int, total: int) -> Any:
-    if rank != 0 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return console.Progress(start, total) if rank == 0 else None
 
 
 def _report(bar: Any, r: Dict[str, Any]) -> None:
@@ -243,4 +242,4 @@ def _report(bar: Any, r: Dict[str, Any]) -> None:
     if bar is not None:
         bar.write(line)
     else:
-        print(line, flush=True)
+        console.say(line)
