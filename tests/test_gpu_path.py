@@ -30,7 +30,7 @@ def test_visible_devices_give_the_ranks_and_the_include(tmp_path, monkeypatch):
     assert (run.topo.ranks_per_node, run.topo.accelerator) == (2, "cuda")
     line = _command_line(run)
     assert line.split(" ", 2)[2] == (
-        f"--include localhost:2,3 --master_port 29555 --no_local_rank --module launcher.worker "
+        f"--include localhost:2,3 --master_port 29555 --log_level error --no_local_rank --module launcher.worker "
         f"--run-dir {run.run_dir}"
     )
     assert "--num_gpus" not in line and "--num_nodes" not in line  # the runner refuses them with --include
