@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 from launcher.errors import ConfigError
 from launcher.launch import lock
 from launcher.launch.host import deepspeed_executable
-from launcher.launch.rundir import check_resumable, write_files
+from launcher.launch.resume import convert_checkpoint
+from launcher.launch.rundir import write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
 from launcher.prepare import prepare
 from launcher.render.sbatch import sbatch_name, slurm_files
@@ -30,15 +31,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         alloc = allocation_from_env(os.environ)
-        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node, check_resume=False)
+        run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node, on_node=True)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
-        _, files = slurm_files(
-            run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
-        )
         # One live run per run dir, held by this job (a requeued attempt takes its own lock back).
+        lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
+        if run.world_change is not None and not run.cfg.dry_run:  # resubmitted on another --nodes
+            notes += convert_checkpoint(run.world_change)
+        _, files = slurm_files(
+            run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node,
+            user_env=os.environ,
+        )
         try:
-            lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
-            check_resumable(run.run_dir, run.cfg)
             write_files(run.run_dir, files)
         except OSError as exc:
             raise ConfigError("run dir", f"cannot write {run.run_dir}: {exc.strerror}; choose a writable "

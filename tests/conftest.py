@@ -12,6 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Hermetic on any host: no test sees this machine's GPUs, so `hardware=local` means CPU ranks everywhere and
+# the CPU-rank tests launch CPU ranks on a GPU host too. Tests about GPUs inject a GPU count or set
+# CUDA_VISIBLE_DEVICES themselves (monkeypatch); scripts/gpu_check.sh is what runs on real GPUs.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 
 def run_cli(args: List[str], cwd: Optional[Path] = None, env: Optional[dict] = None, module: str = "launcher",
             timeout: float = 600) -> subprocess.CompletedProcess:

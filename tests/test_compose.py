@@ -33,6 +33,9 @@ def test_every_group_combination_composes(hardware, tmp_path):
         stage = int(zero[-1])
         assert ds["zero_optimization"]["stage"] == stage
         assert ("offload_optimizer" in ds["zero_optimization"]) == (offload == "cpu")
+        if precision == "auto":  # resolved from the profile: bf16 on A100/H100, fp32 on CPU ranks
+            precision = "fp32" if hardware == "local" else "bf16"
+        assert run.cfg.precision.name == precision
         assert ("fp16" in ds) == (precision == "fp16") and ("bf16" in ds) == (precision == "bf16")
         assert ("activation_checkpointing" in ds) == (ac == "full")
         world = run.topo.world_size

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from launcher.export.swap import replace_dir
@@ -15,6 +16,23 @@ from launcher.worker import ckpt
 
 class FakeEngine:
     """Writes a shard file like DeepSpeed's engine.save_checkpoint (this test is about what happens around it)."""
+
+    module = torch.nn.Linear(2, 2)
+
+    def zero_offload_optimizer(self):
+        return None
+
+    def zero_optimization_stage(self):
+        return 1
+
+    def train_batch_size(self):
+        return 8
+
+    def train_micro_batch_size_per_gpu(self):
+        return 4
+
+    def gradient_accumulation_steps(self):
+        return 2
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         Path(save_dir, tag).mkdir(parents=True, exist_ok=True)

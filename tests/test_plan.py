@@ -123,7 +123,7 @@ def test_model_states_hand_calculation_bf16():
 
 
 def test_fp32_optimizer_keeps_master_copy():
-    cfg = cfg_of("model=llama3_8b", "hardware=8xa100")
+    cfg = cfg_of("model=llama3_8b", "hardware=8xa100", "precision=fp32")
     m = estimate_memory(cfg, A100, Setup(2))
     # fp32: 4 B weights + 4 B grads (ZeRO paper) + 8 B Adam m/v, and DeepSpeed's fp32 master clone (4 B).
     assert m.optimizer == pytest.approx((8 + 4) * PSI_8B / 8, rel=1e-6)

@@ -23,6 +23,7 @@ from launcher.config.topology import resolve_topology
 from launcher.config.validate import validate
 from launcher.errors import ConfigError
 from launcher.launch.slurm import Allocation, allocation_from_env, check_allocation, job_overrides
+from launcher.prepare import compose_resolved
 from launcher.render import sbatch as slurm
 from launcher.render.command import rank_environment
 from launcher.render.hostfile import deepspeed_env_text, hostfile_text
@@ -44,12 +45,12 @@ def _paths(run_dir: str) -> slurm.JobPaths:
 
 
 def _render(overrides: List[str], paths: Optional[slurm.JobPaths] = None, name: Optional[str] = None) -> str:
-    cfg, _ = compose(["cluster=slurm", *overrides])
+    # compose_resolved: precision=auto (the default) resolved for the profile, as every entry point does.
+    cfg, _, topo, _ = compose_resolved(["cluster=slurm", *overrides], 0)
     if name is not None:
         cfg.name = name  # set directly: Hydra's override quoting is not the shell's
-    topo = resolve_topology(cfg, 0)
     validate(cfg, topo)
-    env = rank_environment(cfg, topo, slurm.cpus_per_task(topo) or 1)
+    env = rank_environment(cfg, topo, slurm.cpus_per_task(topo))  # as slurm_files on a login node
     return slurm.sbatch_script(cfg, topo, env, paths or _paths("/shared/runs/job"))
 
 
@@ -131,7 +132,7 @@ def test_hostfile_mode_dry_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     r = run_cli(["cluster=hostfile", f"cluster.hostfile={hostfile}", "dry_run=true", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 0, r.stderr
-    assert "2 node(s) x 2 cpu ranks" in r.stdout
+    assert "2 node(s) x 2 cpu rank(s)" in r.stdout
     launch = (run_dir / "launch.sh").read_text()
     assert f"--hostfile {hostfile} --num_nodes 2 --num_gpus 2 --master_port" in launch
     env = (run_dir / ".deepspeed_env").read_text()

@@ -49,6 +49,8 @@ def test_default_run_trains_then_resumes(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, "the built-in corpus is learnable: loss must fall clearly"
     for r in rows:
         assert r["tokens_per_sec"] > 0 and r["mem_peak_gb"] > 0.05 and r["mfu"] is None  # no CPU peak: no MFU
+        assert r["tokens_per_sec_per_gpu"] == pytest.approx(r["tokens_per_sec"] / 2, abs=0.1)
+        assert r["mem_source"] == "rss_vmhwm"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
     assert (run_dir / "loss.png").stat().st_size > 1000
     port = int((run_dir / "launch.sh").read_text().split("--master_port ")[1].split()[0])

@@ -31,8 +31,9 @@ def group_options(group: str) -> List[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def compose(overrides: Sequence[str]) -> Tuple[DictConfig, str]:
-    """Compose config + overrides. Returns (config without the hydra node, resolved hydra.run.dir)."""
+def compose(overrides: Sequence[str], keep_hydra: bool = False) -> Tuple[DictConfig, str]:
+    """Compose config + overrides. Returns (config without the hydra node unless keep_hydra, resolved
+    hydra.run.dir)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -48,8 +49,9 @@ def compose(overrides: Sequence[str]) -> Tuple[DictConfig, str]:
         raise ConfigError(*_explain_hydra_error(exc)) from None
     except Exception as exc:  # OmegaConf validation errors (wrong type, missing key) arrive here
         raise ConfigError(*_explain_omegaconf_error(exc)) from None
-    with _open_struct(cfg):
-        del cfg["hydra"]
+    if not keep_hydra:
+        with _open_struct(cfg):
+            del cfg["hydra"]
     return cfg, run_dir
 
 

@@ -35,11 +35,12 @@ def _type_name(f: dataclasses.Field) -> str:
 
 def override_reference() -> str:
     out = [
-        "Usage: python -m launcher [group=option ...] [key=value ...]",
+        "Usage: launcher [train] [flags] [group=option ...] [key=value ...]   (or: python -m launcher ...)",
+        "       launcher plan|export|data ... | launcher sweep <sweep dir>",
         "",
         "Groups (pick one option each; default first is marked *):",
     ]
-    defaults = {"zero": "stage2", "offload": "none", "activation_checkpointing": "none", "precision": "fp32",
+    defaults = {"zero": "stage2", "offload": "none", "activation_checkpointing": "none", "precision": "auto",
                 "model": "tiny_llama", "hardware": "local", "cluster": "local"}
     for group in GROUPS:
         opts = [("*" + o if o == defaults[group] else o) for o in group_options(group)]
@@ -59,7 +60,19 @@ def override_reference() -> str:
         if top.default is not dataclasses.MISSING:
             note = f"  # {top_comments[top.name]}" if top.name in top_comments else ""
             out.append(f"  {top.name}: {_type_name(top)} = {top.default!r}{note}")
-    out += ["", "Run dir: hydra.run.dir=<dir> (default runs/<name>; rerunning the same run dir resumes)."]
+    out += ["", "Run dir: hydra.run.dir=<dir> (default runs/<name>; rerunning the same run dir resumes).", ""]
+    out += [
+        "Flags (Hydra's):",
+        "  --cfg job|all|hydra [--resolve] [--package KEY]   print the composed config and exit (writes nothing)",
+        "  --info [defaults|config]                         the defaults tree and the config search path",
+        "  -m/--multirun key=a,b key2=range(1,3) ...         sweep: one run dir per point under runs/sweeps/<...>",
+        "                                                   (hydra.sweep.dir=<dir>); rerunning resumes each point",
+        "  -sc install=bash|zsh                              shell completion: eval \"$(launcher -sc install=bash)\"",
+        "  -h/--help                                         this reference",
+        "",
+        "Subcommands: train (the default), plan (memory/speed table), export (HF dir from a checkpoint),",
+        "  data (tokenize + pack now), sweep <dir> (status table of a sweep).",
+    ]
     return "\n".join(out)
 
 

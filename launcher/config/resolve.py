@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
 
@@ -46,3 +46,16 @@ def adopt_hf_architecture(cfg: DictConfig) -> None:
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:
         cfg.model.rope_theta = float(theta)
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """An unresolvable ${...} is one line naming its key, not an OmegaConf traceback later."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(str(key), f"cannot resolve its value ({first}); fix the ${{...}} reference or quote it"
+                          ) from None

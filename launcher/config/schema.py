@@ -57,7 +57,8 @@ class ActivationCheckpointingConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    # auto: bf16 where the hardware has it, fp16 on GPUs without, fp32 on CPU ranks (resolved at launch).
+    name: str = "auto"
     # fp16 dynamic loss scaling (DeepSpeed's `loss_scale: 0`); ignored for fp32/bf16.
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
@@ -92,6 +93,9 @@ class HardwareConfig:
     gpus_per_node: Optional[int] = None
     # Ranks per node when the node has no GPU (DeepSpeed's CPU accelerator, gloo backend).
     cpu_ranks: int = 2
+    # What nvidia-smi must report at launch (a regular expression, e.g. "H100", "A100"); with gpu_memory_gib
+    # (within 8%) it tells an A100-40GB from an A100-80GB. null: not checked.
+    gpu_name: Optional[str] = None
     gpu_memory_gib: Optional[float] = None
     # Dense bf16/fp16 peak per GPU, TFLOP/s (MFU denominator). null: MFU is not reported.
     peak_tflops: Optional[float] = None
@@ -163,8 +167,11 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
+    # DeepSpeed's monitors, written by rank 0 at every log step into the run dir: tensorboard/ (event files),
+    # wandb/ (WANDB_MODE=offline keeps it local), csv/. metrics.jsonl is always written.
     tensorboard: bool = False
     wandb: bool = False
+    csv: bool = False
     wandb_project: str = "launcher"
 
 
@@ -188,6 +195,8 @@ class LauncherConfig:
     dry_run: bool = False
     # Launch even when the memory plan predicts it will not fit.
     force: bool = False
+    # Show DeepSpeed's and torch's INFO/warnings on the terminal (otherwise only in <run_dir>/logs/rank<N>.log).
+    verbose: bool = False
     # Extra info (plan choices, experiment notes) that tools may attach; never read by the worker.
     notes: Dict[str, Any] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import List, Mapping, Optional
 
 from omegaconf import DictConfig
 
@@ -37,11 +38,21 @@ class BatchShape:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
 
+def visible_gpu_ids(env: Mapping[str, str]) -> Optional[List[str]]:
+    """CUDA_VISIBLE_DEVICES as a list of ids ([] when it hides every GPU), None when it is unset."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    ids = [d.strip() for d in visible.split(",") if d.strip()]
+    # CUDA stops at the first invalid id ("-1" hides everything after it).
+    return ids[: ids.index("-1")] if "-1" in ids else ids
+
+
 def detect_local_gpus() -> int:
     """GPUs visible on this node, without importing torch (CUDA_VISIBLE_DEVICES, then nvidia-smi)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_gpu_ids(os.environ)
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+        return len(visible)
     if shutil.which("nvidia-smi") is None:
         return 0
     try:

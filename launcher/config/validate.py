@@ -4,7 +4,7 @@ violation; recommendations come back as warning lines. Pure: the caller passes i
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -56,10 +56,27 @@ def validate(cfg: DictConfig, topo: Topology) -> List[str]:
     return _recommendations(cfg)
 
 
-def check_node_has_gpus(cfg: DictConfig, topo: Topology, local_gpus: int) -> None:
-    """A real (not dry) local launch needs the GPUs the profile asks for on this node."""
-    if cfg.cluster.name != "local" or cfg.hardware.gpus_per_node is None:
+def check_node_has_gpus(cfg: DictConfig, topo: Topology, local_gpus: int,
+                        visible: Optional[Sequence[str]] = None) -> None:
+    """A real (not dry) local launch needs the GPUs the profile asks for on this node; CUDA_VISIBLE_DEVICES
+    (visible) limits them and must hold GPU indices (DeepSpeed's --include takes no UUIDs)."""
+    if cfg.cluster.name != "local" or topo.accelerator != "cuda":
         return
+    if visible and not all(v.isdigit() for v in visible):
+        raise ConfigError(
+            "CUDA_VISIBLE_DEVICES",
+            f'"{",".join(visible)}" is not a list of GPU indices; DeepSpeed selects GPUs by index, so use '
+            "e.g. CUDA_VISIBLE_DEVICES=0,1 (nvidia-smi -L lists them)",
+        )
+    if cfg.hardware.gpus_per_node is None:
+        return
+    if visible and len(visible) < topo.ranks_per_node:
+        raise ConfigError(
+            "hardware",
+            f'needs {topo.ranks_per_node} GPUs per node but CUDA_VISIBLE_DEVICES="{",".join(visible)}" makes '
+            f"{len(visible)} visible; use hardware=local (one rank per visible GPU), widen CUDA_VISIBLE_DEVICES, "
+            "or dry_run=true to only render",
+        )
     if local_gpus < topo.ranks_per_node:
         raise ConfigError(
             "hardware",

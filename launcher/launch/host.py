@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -31,3 +32,11 @@ def cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cgroups, a SLURM step), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -94,6 +94,23 @@ def alive(holder: Optional[Dict[str, Any]], lock_path: Optional[Path] = None) ->
     return start is not None and start == holder.get("pid_start")  # same pid, same process (not a reused pid)
 
 
+def _refusal(run_dir: Path, current: Dict[str, Any]) -> ConfigError:
+    return ConfigError(
+        "run dir",
+        f"{run_dir} is in use by the run of {describe(current)}; wait for it, stop it ({how_to_stop(current)}), "
+        "or start a new run with name=<new name>",
+    )
+
+
+def refuse_if_live(run_dir: Path, own_job: Optional[str] = None) -> None:
+    """Raise the one-line refusal when another live run holds run_dir (a check only; acquire() takes it).
+    Inside a SLURM job, that job's own lock (a requeued attempt) is not another run."""
+    own_job = own_job or os.environ.get("SLURM_JOB_ID")
+    current = read(run_dir)
+    if current and not (own_job and current.get("slurm_job") == own_job) and alive(current, run_dir / LOCK):
+        raise _refusal(run_dir, current)
+
+
 def acquire(run_dir: Path, holder: Dict[str, Any]) -> None:
     """Take the run dir's lock for `holder`, or raise ConfigError naming the live holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,11 +127,7 @@ def acquire(run_dir: Path, holder: Dict[str, Any]) -> None:
                 continue  # released meanwhile
             same_job = holder.get("slurm_job") and current.get("slurm_job") == holder.get("slurm_job")
             if not same_job and alive(current, path):
-                raise ConfigError(
-                    "run dir",
-                    f"{run_dir} is in use by the run of {describe(current)}; wait for it, stop it "
-                    f"({how_to_stop(current)}), or start a new run with name=<new name>",
-                ) from None
+                raise _refusal(run_dir, current) from None
             # Dead holder (or our own requeued job): move its lock aside and retry; a racing taker loses here.
             try:
                 os.replace(path, run_dir / f".lock.stale.{os.getpid()}")

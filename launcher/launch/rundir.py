@@ -25,8 +25,16 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.keep_last",
     "train.export_at_end",
+    # The world may change between launches (a node lost, a bigger allocation): launcher.launch.resume keeps the
+    # checkpoint's global batch, re-derives micro x accum and converts the ZeRO state.
+    "hardware.cpu_ranks",
+    "hardware.gpus_per_node",
+    "cluster.nodes",
+    "train.micro_batch_size",
+    "train.global_batch_size",
     "dry_run",
     "force",
+    "verbose",
     "cluster.master_port",
     "cluster.time",
     "cluster.partition",
@@ -39,6 +47,18 @@ RESUMABLE_CHANGES = (
     "monitor",
     "notes",
 )
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run dir must be a directory we can write, or creatable below one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run dir", f"{run_dir} exists and is not a directory; choose hydra.run.dir or name=")
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("run dir", f"cannot create or write {run_dir} ({probe} is not writable); choose a "
+                          "writable hydra.run.dir or name=")
 
 
 def check_resumable(run_dir: Path, cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -43,6 +44,8 @@ def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
         print(f"error: sbatch refused {script}: {proc.stderr.strip()}", file=sys.stderr)
         return proc.returncode
     job_id = proc.stdout.strip().split(";")[0]
+    # For `launcher sweep <dir>` and anyone else asking later which job runs this run dir.
+    (run_dir / "submitted.json").write_text(json.dumps({"job_id": job_id, "script": str(script)}) + "\n")
     print(
         f"submitted job {job_id}: {script}\n"
         f"  watch:  squeue -j {job_id}; tail -f {run_dir}/slurm-{job_id}.out\n"

@@ -9,7 +9,7 @@ from launcher.plan.candidates import GRID, Plan, Row, build_plan, evaluate
 from launcher.plan.capacity import Capacity, capacity, read_meminfo_total
 from launcher.plan.decide import Choice, PreflightResult, choose_auto, preflight
 from launcher.plan.memory import MemoryBreakdown, Setup, estimate_memory
-from launcher.plan.params import ModelShape, ParamCounts, count_params, flops_per_token
+from launcher.plan.params import ModelShape, ParamCounts, count_params, flops_per_token, mfu
 from launcher.plan.perf import StepEstimate, estimate_step
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "estimate_step",
     "evaluate",
     "flops_per_token",
+    "mfu",
     "preflight",
     "read_meminfo_total",
 ]

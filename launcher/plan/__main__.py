@@ -42,6 +42,7 @@ def split_format(argv: Sequence[str]) -> tuple[list[str], str]:
 def load(overrides: Sequence[str]):
     """Compose, adopt a model.path's architecture, resolve the topology and validate, as the launcher does."""
     from launcher.config.compose import compose
+    from launcher.config.precision import resolve_auto_precision
     from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
     from launcher.config.topology import detect_local_gpus, resolve_topology
     from launcher.config.validate import validate
@@ -50,6 +51,10 @@ def load(overrides: Sequence[str]):
     absolutize_paths(cfg)
     adopt_hf_architecture(cfg)
     topo = resolve_topology(cfg, detect_local_gpus())
+    if cfg.precision.name == "auto":
+        cfg, _ = compose(resolve_auto_precision(cfg, topo, overrides)[0])
+        absolutize_paths(cfg)
+        adopt_hf_architecture(cfg)
     validate(cfg, topo)
     return cfg, topo
 

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from launcher.config.topology import Topology, batch_shape
 from launcher.plan.capacity import Capacity, capacity
-from launcher.plan.memory import GIB, MemoryBreakdown, Setup, estimate_memory
+from launcher.plan.load import load_bytes_per_node
+from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, MemoryBreakdown, Setup, estimate_memory
 from launcher.plan.params import ModelShape, count_params, flops_per_token
 from launcher.plan.perf import StepEstimate, estimate_step
 
@@ -31,6 +32,8 @@ class Row:
     host_per_node: int  # host RAM per node: offloaded state of the local ranks (GPU), everything (CPU ranks)
     micro_batch_size: int
     world_size: int
+    load_per_node: int = 0  # host RAM per node while the ranks load the model (launcher.plan.load)
+    accelerator: str = "cuda"
 
     @property
     def device_fits(self) -> bool | None:
@@ -40,7 +43,7 @@ class Row:
     @property
     def host_fits(self) -> bool:
         usable = self.capacity.host_per_node
-        return usable is None or self.host_per_node <= usable
+        return usable is None or max(self.host_per_node, self.load_per_node) <= usable
 
     @property
     def fits(self) -> bool | None:
@@ -69,13 +72,25 @@ class Row:
             "usable_gib": None if usable is None else gib(usable),
             "fits": self.fits,
             "host_ram_gib_per_node": gib(self.host_per_node),
+            "host_load_gib_per_node": gib(self.load_per_node),
             "host_usable_gib_per_node": None if host_usable is None else gib(host_usable),
             "step_time_s": _round(s.step_time_s, 3),
             "tokens_per_s": _round(s.tokens_per_s, 0),
             "tokens_per_s_per_gpu": _round(None if s.tokens_per_s is None else s.tokens_per_s / self.world_size, 0),
             "mfu": _round(s.mfu, 3),
+            **self.expected_metrics(),
             "terms_bytes": dict(m.terms),
         }
+
+    def expected_metrics(self) -> dict[str, float]:
+        """The plan in the worker's metric names and unit (GB = 1e9 bytes), to set beside metrics.jsonl.
+        GPU: the allocator's reservation is everything but the fixed framework term (NCCL buffers and the like
+        sit outside it); the device's used memory adds the CUDA context. CPU: the process's peak RSS."""
+        m = self.memory
+        if self.accelerator == "cpu":
+            return {"expect_mem_peak_gb": round(m.total / 1e9, 3)}
+        return {"expect_mem_peak_gb": round((m.total - m.terms.get("overhead.fixed", 0)) / 1e9, 3),
+                "expect_mem_device_used_gb": round((m.total + CUDA_CONTEXT_RESERVE_GIB * GIB) / 1e9, 3)}
 
 
 def gib(nbytes: float) -> float:
@@ -99,7 +114,8 @@ def evaluate(cfg: DictConfig, topo: Topology, setup: Setup, cap: Capacity,
         host = memory.total * topo.ranks_per_node  # CPU ranks: everything is host RAM
     else:
         host = memory.host_offload_per_rank * topo.ranks_per_node
-    return Row(setup, memory, step, cap, host, micro, topo.world_size)
+    load = load_bytes_per_node(cfg, topo, setup.zero_stage)
+    return Row(setup, memory, step, cap, host, micro, topo.world_size, load, topo.accelerator)
 
 
 @dataclass

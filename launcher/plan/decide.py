@@ -153,7 +153,13 @@ def preflight(cfg: DictConfig, topo: Topology, host_mem_bytes: int | None = None
                      f"tokens/s/{unit}, MFU {row.step.mfu:.2f}")
         return PreflightResult(True, f"plan: needs {need:.1f} GiB/{unit} of {usable:.1f} GiB usable on {hw}{speed}",
                                need, usable)
-    if row.device_fits:
+    if row.device_fits and row.load_per_node > row.host_per_node:
+        what = "model.path" if cfg.model.path is not None else "the model"
+        head = (f"loading {what} needs {row.load_per_node / GIB:.0f} GiB host RAM per node ({topo.ranks_per_node} "
+                f"ranks x {row.load_per_node / topo.ranks_per_node / GIB:.1f} GiB, each rank a full copy under "
+                f"ZeRO-{current_setup.zero_stage}), {cap.host_per_node / GIB:.0f} GiB usable on {hw} "
+                "(hardware.host_ram_gib)")
+    elif row.device_fits:
         head = (f"needs {row.host_per_node / GIB:.0f} GiB host RAM per node for the offloaded optimizer, "
                 f"{cap.host_per_node / GIB:.0f} GiB usable on {hw}")
     else:

@@ -110,3 +110,12 @@ def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> flo
     matmul_params = counts.total - (0 if shape.tied else counts.embedding)
     attention = 12 * shape.layers * shape.heads * shape.head_dim * seq_len
     return float(6 * matmul_params + attention)
+
+
+def mfu(tokens_per_sec: float, flops_tok: float, gpus: int, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the GPUs' dense peak. The planner and the worker's
+    metrics both call this, with flops_per_token above, so a prediction and a measurement compare directly.
+    None without a peak (CPU ranks)."""
+    if not peak_tflops or gpus <= 0:
+        return None
+    return tokens_per_sec * flops_tok / (gpus * float(peak_tflops) * 1e12)

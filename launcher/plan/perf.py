@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from launcher.config.topology import Topology
 from launcher.plan.memory import Setup, checkpointed_layers, precision_bytes
-from launcher.plan.params import ModelShape, count_params, flops_per_token
+from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
 
 # Fraction of dense peak that the matmul-bound compute reaches (torchtitan reports 57% MFU for
 # Llama-3-8B on A100s; DeepSpeed ZeRO-3 7B runs report ~40% all-in).
@@ -132,5 +132,5 @@ def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
 
     step = compute_s + comm_s + offload_s
     tokens_per_s = tokens_per_step / step
-    mfu = tokens_per_s * model_flops / (topo.world_size * float(peak) * 1e12)
-    return StepEstimate(step, tokens_per_s, mfu, compute_s, comm_s, offload_s, tokens_per_step)
+    achieved = mfu(tokens_per_s, model_flops, topo.world_size, peak)
+    return StepEstimate(step, tokens_per_s, achieved, compute_s, comm_s, offload_s, tokens_per_step)

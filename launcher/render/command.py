@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -17,20 +17,29 @@ WORKER_MODULE = "launcher.worker"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: int) -> Dict[str, str]:
-    """Variables every rank needs; exported in launch.sh so a by-hand rerun sees the same."""
+def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: Optional[int],
+                     user_env: Mapping[str, str] | None = None) -> Dict[str, str]:
+    """Variables every rank needs; exported in launch.sh so a by-hand rerun sees the same.
+
+    cpus_per_node: the cores this node's ranks may use (CPU affinity, or the SLURM allocation); None when
+    unknown (a GPU job rendered on the login node: the in-job render, which knows the allocation, sets it).
+    """
     env: Dict[str, str] = {}
     if topo.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         # One thread per rank per core: the default (all cores per rank) oversubscribes and makes
         # step times jump 20x on a 2-core node.
+        env["OMP_NUM_THREADS"] = str(max(1, (cpus_per_node or 1) // topo.ranks_per_node))
+        return env
+    for key, value in cfg.hardware.nccl_env.items():
+        if not secrets.ENV_NAME.match(str(key)):
+            raise ConfigError(f"hardware.nccl_env.{key}", "is not an environment variable name "
+                              "([A-Za-z_][A-Za-z0-9_]*)")
+        env[str(key)] = str(value)
+    if cpus_per_node and "OMP_NUM_THREADS" not in (user_env or {}):
+        # e.g. 96 cores / 8 ranks = 12 threads each for tokenisation and DeepSpeedCPUAdam; unset, every
+        # rank's OpenMP pool takes all cores (8 x 96 threads on 96 cores).
         env["OMP_NUM_THREADS"] = str(max(1, cpus_per_node // topo.ranks_per_node))
-    else:
-        for key, value in cfg.hardware.nccl_env.items():
-            if not secrets.ENV_NAME.match(str(key)):
-                raise ConfigError(f"hardware.nccl_env.{key}", "is not an environment variable name "
-                                  "([A-Za-z_][A-Za-z0-9_]*)")
-            env[str(key)] = str(value)
     return env
 
 
@@ -44,9 +53,21 @@ def export_lines(env: Mapping[str, str]) -> List[str]:
     return lines
 
 
-def deepspeed_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: int) -> List[str]:
-    """Runner arguments after the `deepspeed` executable, for a single-node (cluster=local) launch."""
-    args = ["--num_gpus", str(topo.ranks_per_node), "--num_nodes", "1", "--master_port", str(master_port)]
+def deepspeed_args(cfg: DictConfig, topo: Topology, run_dir: str, master_port: int,
+                   visible_gpus: Optional[Sequence[str]] = None) -> List[str]:
+    """Runner arguments after the `deepspeed` executable, for a single-node (cluster=local) launch.
+
+    With CUDA_VISIBLE_DEVICES set (visible_gpus), the ranks run on exactly those GPUs: `--include
+    localhost:<ids>`. `--num_gpus N` would make DeepSpeed's runner drop CUDA_VISIBLE_DEVICES and take GPUs
+    0..N-1 (deepspeed/launcher/runner.py); the runner refuses --num_gpus/--num_nodes next to --include.
+    """
+    if topo.accelerator == "cuda" and visible_gpus:
+        args = ["--include", "localhost:" + ",".join(visible_gpus[: topo.ranks_per_node])]
+    else:
+        args = ["--num_gpus", str(topo.ranks_per_node), "--num_nodes", "1"]
+    args += ["--master_port", str(master_port)]
+    if not cfg.get("verbose", False):
+        args += ["--log_level", "error"]  # the runner's INFO lines; verbose=true shows them
     return args + worker_args(run_dir)
 
 

@@ -159,4 +159,6 @@ def _monitor(cfg: DictConfig) -> Dict[str, Any]:
         out["tensorboard"] = {"enabled": True, "output_path": "tensorboard", "job_name": str(cfg.name)}
     if cfg.monitor.wandb:
         out["wandb"] = {"enabled": True, "project": str(cfg.monitor.wandb_project)}
+    if cfg.monitor.csv:
+        out["csv_monitor"] = {"enabled": True, "output_path": "csv", "job_name": str(cfg.name)}
     return out

@@ -99,9 +99,15 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
     # PATH after it, not the submitting host's absolute paths.
     deepspeed = "deepspeed" if setup else paths.deepspeed
     runner = shell_join([deepspeed, *nossh_runner_args(topo.nodes, topo.ranks_per_node, paths.run_dir)])
+    # The runner renumbers this node's GPUs 0..n-1 under --no_ssh (it sets CUDA_VISIBLE_DEVICES itself); the
+    # ranks map their local rank back to the GPUs SLURM gave the step (launcher/worker/devices.py).
+    job_gpus = ['export LAUNCHER_JOB_GPUS="${CUDA_VISIBLE_DEVICES-${SLURM_JOB_GPUS-}}"']
+    if topo.accelerator != "cuda":
+        job_gpus = []
     node_cmd = "\n".join(
         [
             'trap "" USR1 TERM',
+            *job_gpus,
             (
                 'getent hosts "$MASTER_ADDR" >/dev/null || '
                 '{ echo "launcher: error: node $(hostname) cannot resolve the master address $MASTER_ADDR" >&2; '
@@ -263,10 +269,13 @@ def slurm_files(
     files: Mapping[str, str],
     deepspeed_bin: str,
     cpus_per_node: Optional[int] = None,
+    user_env: Optional[Mapping[str, str]] = None,
 ) -> Tuple[List[str], Dict[str, str]]:
     """The run dir for cluster=slurm: <name>.sbatch instead of launch.sh. Returns (command, files)."""
     script = run_dir / sbatch_name(cfg.name)
-    cpus = cpus_per_node or cpus_per_task(topo) or 1
+    # GPU nodes rendered on the login node: cores unknown (None), so OMP_NUM_THREADS is left to the in-job
+    # render (launcher.slurm_job), which passes the allocation's SLURM_CPUS_ON_NODE.
+    cpus = cpus_per_node or cpus_per_task(topo)
     paths = JobPaths(
         run_dir=str(run_dir),
         script=str(script),
@@ -277,6 +286,6 @@ def slurm_files(
     )
     command = ["sbatch", str(script)]
     out = {k: v for k, v in files.items() if k != "launch.sh"}
-    out[script.name] = sbatch_script(cfg, topo, rank_environment(cfg, topo, cpus), paths)
+    out[script.name] = sbatch_script(cfg, topo, rank_environment(cfg, topo, cpus, user_env), paths)
     out["run.json"] = rundir.to_json(rundir.run_info(sys.argv, command))
     return command, out

@@ -10,6 +10,7 @@ A tag without DONE (a save cut by a crash) is never resumed from and is removed 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,9 +20,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from launcher.worker import comm
 
 LATEST = "latest"
+# The checkpoint's shape, read by the launcher (launcher.launch.resume) before a resume on another world size.
+INFO = "launcher.json"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -86,15 +91,16 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
     tag = tag_for(step)
-    rank = dist.get_rank()
+    rank = comm.rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     slow = float(os.environ.get(SLOW_SAVE_ENV, "0"))
     if slow:
         time.sleep(slow)
     _fsync_tree(ckpt_dir / tag)  # this rank's files (and, harmlessly, its peers' on a shared filesystem)
-    dist.barrier()  # every rank's shards and RNG files are on disk
+    comm.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
+        _write_durable(ckpt_dir / tag / INFO, json.dumps(checkpoint_info(engine, step), indent=1) + "\n")
         _write_durable(ckpt_dir / tag / "DONE", f"{step}\n")
         fsync_path(ckpt_dir / tag)
         fsync_path(ckpt_dir)
@@ -103,7 +109,11 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
         fsync_path(ckpt_dir)
         for old in complete_tags(ckpt_dir)[:-keep_last] + [t for t in incomplete_tags(ckpt_dir) if t != tag]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
+        # A normal checkpoint at this world size now exists: universal copies made for this resume are spent.
+        for spent in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
+            shutil.rmtree(spent, ignore_errors=True)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+    comm.barrier()
     return tag
 
 
@@ -114,15 +124,39 @@ def _write_durable(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def checkpoint_info(engine: Any, step: int) -> Dict[str, Any]:
+    offload = engine.zero_offload_optimizer()  # DeepSpeedZeroOffloadOptimizerConfig or None
+    device = getattr(offload, "device", None) if offload else None
+    return {
+        "step": step,
+        "world_size": comm.world_size(),  # data-parallel size: no tensor or pipeline parallelism here
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "global_batch": int(engine.train_batch_size()),
+        "micro_batch": int(engine.train_micro_batch_size_per_gpu()),
+        "gradient_accumulation": int(engine.gradient_accumulation_steps()),
+        "offload_device": str(getattr(device, "value", device) or "none"),
+        "frozen_params": any(not p.requires_grad for p in engine.module.parameters()),
+    }
+
+
 def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
-    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start)."""
+    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start).
+    With `load_universal` set (the launcher converted a checkpoint saved at another world size), the
+    universal copy named by `latest_universal` is loaded instead; per-rank RNG state does not carry over."""
+    if engine.load_universal_checkpoint():
+        pointer = ckpt_dir / "latest_universal"
+        tag = pointer.read_text().strip()
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"universal checkpoint {ckpt_dir / tag} could not be loaded")
+        return client_state
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
-    rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+    rng_file = ckpt_dir / tag / f"rng_rank{comm.rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state

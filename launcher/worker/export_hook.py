@@ -10,26 +10,21 @@ the run then exits with code 2 and says how to retry.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from typing import Any
 
 EXPORT_DIR = "hf"
 
 
 def export_at_end(ctx: Any, engine: Any) -> None:
-    import torch.distributed as dist
-
+    from launcher.worker import comm
     from launcher.worker.status import EXIT_USER_ERROR, StopRun
 
-    dist.barrier()  # every rank is done with training and the final checkpoint
+    comm.barrier()  # every rank is done with training and the final checkpoint
     minutes = int(os.environ.get("LAUNCHER_EXPORT_TIMEOUT_MIN", "720"))
-    waiters = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)) if ctx.world > 1 else None
     failure = None
-    if ctx.rank == 0:
-        failure = _export(ctx)
-    if waiters is not None:
-        dist.barrier(group=waiters)
-        dist.destroy_process_group(waiters)
+    with comm.others_wait(minutes):
+        if ctx.rank == 0:
+            failure = _export(ctx)
     if failure is not None:
         raise StopRun(failure, EXIT_USER_ERROR, state="export_failed")
 
@@ -38,9 +33,10 @@ def _export(ctx: Any) -> Any:
     """Rank 0: export, print the outcome; returns an error message, or None on success."""
     from launcher.errors import ExportError
     from launcher.export.hf_dir import export, summary
+    from launcher.worker import console
 
     def log(line: str) -> None:
-        print(f"[launcher] export: {line.strip()}", flush=True)
+        console.say(f"[launcher] export: {line.strip()}")
 
     out = ctx.run_dir / EXPORT_DIR
     retry = f"python -m launcher.export run_dir={ctx.run_dir}"

@@ -1,35 +1,45 @@
-"""Metrics: <run_dir>/metrics.jsonl (appended across resumes), peak memory per rank, MFU, loss curve PNG."""
+"""Metrics: <run_dir>/metrics.jsonl (appended across resumes) and memory per rank. (MFU: the planner's own
+function, launcher.plan.params.mfu, so both count FLOPs the same way; loss.png: plot.py)"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 
-def peak_memory_bytes() -> int:
-    """CUDA max allocated on GPU; peak RSS (VmHWM) of this process on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+def memory_bytes() -> Dict[str, float]:
+    """This rank's memory, named by what it measures.
+
+    GPU: mem_peak_gb = torch.cuda.max_memory_reserved (what the caching allocator took from the device at
+    its peak: the unit of the planner's per-rank terms), mem_allocated_peak_gb = max_memory_allocated (live
+    tensors only), mem_device_used_gb = device total - free now (mem_get_info): the allocator's reservation
+    plus what sits outside it (CUDA context, NCCL buffers, cuBLAS workspaces; the planner's
+    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: mem_peak_gb = peak RSS of this process (VmHWM).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "mem_peak_gb": float(torch.cuda.max_memory_reserved()),
+            "mem_allocated_peak_gb": float(torch.cuda.max_memory_allocated()),
+            "mem_device_used_gb": float(total - free),
+        }
+    return {"mem_peak_gb": float(_vmhwm())}
+
+
+def memory_source() -> str:
+    return "cuda_max_memory_reserved" if torch.cuda.is_available() and torch.cuda.is_initialized() else "rss_vmhwm"
+
+
+def _vmhwm() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def flops_per_token(n_params: int, n_embedding: int, layers: int, hidden: int, seq_len: int) -> float:
-    """6 x (N - embedding) + 12 x L x H x T (PaLM appendix B; attention over T tokens, H = heads x head dim)."""
-    return 6.0 * (n_params - n_embedding) + 12.0 * layers * hidden * seq_len
-
-
-def mfu(tokens_per_sec: float, flops_tok: float, world: int, peak_tflops: Optional[float]) -> Optional[float]:
-    if not peak_tflops:
-        return None
-    return tokens_per_sec * flops_tok / (world * peak_tflops * 1e12)
 
 
 class MetricsLog:
@@ -56,29 +66,3 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def plot_loss(run_dir: Path) -> Optional[Path]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("loss") is not None]
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out

@@ -46,6 +46,11 @@ def init_weights(model: torch.nn.Module, seed: int, zero3: bool, rank: int) -> N
                     init_parameter(f"{module_name}.{pname}" if module_name else pname, param, seed)
 
 
+def training_dtype(precision: str) -> torch.dtype:
+    """The dtype DeepSpeed trains the weights in (it casts the whole model; no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def build_model(
     cfg: Any, ds_config: Dict[str, Any], rank: int
 ) -> Tuple[PreTrainedModel, Optional[object]]:
@@ -58,9 +63,12 @@ def build_model(
 
             # Must exist before from_pretrained: it makes HF load straight into ZeRO-3 partitions.
             keep_alive = HfDeepSpeedConfig(ds_config)
+        # In the training dtype, straight from the checkpoint's tensors (low_cpu_mem_usage: no randomly
+        # initialised copy first): an 8B model is 16 GB per rank in bf16, not 32 GB in fp32. Under ZeRO-1/2
+        # every rank of a node holds one such copy while loading (the planner's host.load_per_node term).
         model = LlamaForCausalLM.from_pretrained(
-            cfg.model.path, local_files_only=True, torch_dtype=torch.float32,
-            attn_implementation=cfg.model.attn_implementation,
+            cfg.model.path, local_files_only=True, torch_dtype=training_dtype(cfg.precision.name),
+            low_cpu_mem_usage=True, attn_implementation=cfg.model.attn_implementation,
         )
         model.config.use_cache = False
         return model, keep_alive

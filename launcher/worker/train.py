@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from launcher.models.tokenizer import load_tokenizer
-from launcher.worker import act_ckpt, ckpt, metrics, signals
+from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
+from launcher.worker import act_ckpt, ckpt, comm, console, metrics, signals
 from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, progress, write_status
@@ -33,13 +32,13 @@ class Context:
 def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:
     """Rank 0 tokenizes and packs (cached); every rank learns of an error before any training step."""
     cache_dir = ctx.cfg.data.cache_dir or str(ctx.run_dir / "cache")
-    result: list = [None, None]
+    result = (None, None)
     if ctx.rank == 0:
         try:
-            result = [None, build_packed(ctx.cfg, tokenizer, cache_dir)]
+            result = (None, build_packed(ctx.cfg, tokenizer, cache_dir))
         except DataError as exc:
-            result = [str(exc), None]
-    dist.broadcast_object_list(result, src=0)
+            result = (str(exc), None)
+    result = comm.broadcast_object(result, src=0)
     if result[0] is not None:
         raise StopRun(result[0], EXIT_USER_ERROR)
     rows = np.load(result[1], mmap_mode="r")
@@ -82,7 +81,7 @@ def train(ctx: Context) -> int:
     recomputed = act_ckpt.enable(model, cfg, str(ctx.ds_path)) if cfg.activation_checkpointing.enabled else 0
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=str(ctx.ds_path))
-    n_params, n_emb = count_parameters(engine.module)
+    n_params, _ = count_parameters(engine.module)
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
         # DeepSpeed would raise a bare Exception (traceback on every rank) on the first overflow at the
@@ -102,16 +101,17 @@ def train(ctx: Context) -> int:
     )
     seq = int(cfg.train.seq_len)
     order = SampleOrder(len(rows), cfg.seed)
-    flops_tok = metrics.flops_per_token(n_params, n_emb, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq)
+    shape = ModelShape.from_cfg(cfg.model)
+    flops_tok = flops_per_token(shape, count_params(shape), seq)  # the planner's count (tied lm_head included)
     peak = cfg.hardware.peak_tflops if engine.device.type == "cuda" else None
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
         ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
-        print(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x {world} "
-              f"= {glob} sequences x {seq} tokens per step{ac}", flush=True)
+        console.say(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x "
+                    f"{world} = {glob} sequences x {seq} tokens per step{ac}")
     if start >= max_steps:
         if rank == 0:
-            print(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do", flush=True)
+            console.say(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do")
         return finish(ctx, engine, start, saved=True, keep_alive=keep_alive)
 
     bar = _progress(rank, start, max_steps)
@@ -120,7 +120,6 @@ def train(ctx: Context) -> int:
     saved_step = start
     window_start, window_steps = time.perf_counter(), 0
     step = start
-    stop_signal = torch.zeros(1, dtype=torch.int32)
     for step in range(start + 1, max_steps + 1):
         losses = []
         for batch in micro_batches(rows, order, step - 1, glob, micro, accum, rank, world):
@@ -138,24 +137,26 @@ def train(ctx: Context) -> int:
             steps_at_min_scale = 0
 
         if step % cfg.train.log_every == 0 or step == max_steps:
-            loss_avg = torch.stack(losses).float().mean().reshape(1).cpu()
-            dist.all_reduce(loss_avg)
-            mem = torch.tensor([metrics.peak_memory_bytes()], dtype=torch.float64)
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            loss = comm.mean_loss(losses)
+            mem_here = metrics.memory_bytes()
+            mem = dict(zip(mem_here, comm.max_over_ranks(list(mem_here.values()))))
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
-            if not fp16 and not math.isfinite(float(loss_avg.item())):
-                raise StopRun(f"loss is {loss_avg.item()} at step {step}; lower train.lr or set train.grad_clip", 4)
+            if not fp16 and not math.isfinite(loss):
+                raise StopRun(f"loss is {loss} at step {step}; lower train.lr or set train.grad_clip", 4)
             elapsed = time.perf_counter() - window_start
             tps = window_steps * glob * seq / elapsed
             record = {
                 "step": step,
-                "loss": float(loss_avg.item()) / world,
+                "loss": loss,
                 "lr": float(engine.get_lr()[0]),
                 "tokens_per_sec": round(tps, 1),
+                "tokens_per_sec_per_gpu": round(tps / world, 1),  # the planner's unit (per rank on CPU)
                 "step_time_s": round(elapsed / window_steps, 4),
-                "mfu": metrics.mfu(tps, flops_tok, world, peak),
-                "mem_peak_gb": round(float(mem.item()) / 1e9, 4),
+                "mfu": mfu(tps, flops_tok, world, peak),
+                # Max over ranks, bytes / 1e9; what each key measures: launcher.worker.metrics.memory_bytes.
+                **{k: round(v / 1e9, 4) for k, v in mem.items()},
+                "mem_source": metrics.memory_source(),
             }
             if fp16:
                 record["loss_scale"] = scale
@@ -178,15 +179,16 @@ def train(ctx: Context) -> int:
                 EXIT_LOSS_SCALE_COLLAPSE,
             )
 
-        stop_signal.fill_(1 if signals.received() else 0)
-        dist.all_reduce(stop_signal, op=dist.ReduceOp.MAX)
-        if step % cfg.train.save_every == 0 or step == max_steps or stop_signal.item():
+        stop = comm.any_rank(bool(signals.received()))
+        if step % cfg.train.save_every == 0 or step == max_steps or stop:
+            saving = time.perf_counter()
             ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last)
+            window_start += time.perf_counter() - saving  # step timing (tokens/s, MFU) excludes saves
             saved_step = step
-        if stop_signal.item():
+        if stop:
             if rank == 0:
-                print(f"\n[launcher] {signals.received() or 'signal'} received: checkpointed at step {step}, "
-                      "exiting; rerun the same command to resume", flush=True)
+                console.say(f"\n[launcher] {signals.received() or 'signal'} received: checkpointed at step {step}, "
+                            "exiting; rerun the same command to resume")
             if bar is not None:
                 bar.close()
             if log is not None:
@@ -204,10 +206,14 @@ def train(ctx: Context) -> int:
 
 def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -> int:
     if ctx.rank == 0:
-        png = metrics.plot_loss(ctx.run_dir)
+        from launcher.worker.plot import plot_run
+
+        png, plot_note = plot_run(ctx.run_dir)
+        if plot_note:
+            console.say(f"[launcher] {plot_note}")
         write_status(ctx.run_dir, "completed", step)
-        print(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
-              + (f", loss curve: {png}" if png else ""), flush=True)
+        console.say(f"[launcher] finished at step {step}; metrics: {ctx.run_dir / 'metrics.jsonl'}"
+                    + (f", loss curve: {png}" if png else ""))
     if ctx.cfg.train.export_at_end:
         from launcher.worker.export_hook import export_at_end
 
@@ -224,11 +230,7 @@ def _teardown(engine: Any, keep_alive: Any) -> None:
 
 
 def _progress(rank: int, start: int, total: int) -> Any:
-    if rank != 0 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return console.Progress(start, total) if rank == 0 else None
 
 
 def _report(bar: Any, r: Dict[str, Any]) -> None:
@@ -242,4 +244,4 @@ def _report(bar: Any, r: Dict[str, Any]) -> None:
     if bar is not None:
         bar.write(line)
     else:
-        print(line, flush=True)
+        console.say(line)
