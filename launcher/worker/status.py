@@ -29,13 +29,6 @@ class Progress:
 progress = Progress()
 
 
-def one_line(exc: BaseException) -> str:
-    """`RuntimeError: CUDA out of memory. Tried to allocate ...`: the exception, not its traceback."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
-
-
 def write_status(run_dir: Path, state: str, step: int, message: str = "", rank: int = 0) -> None:
     """Atomic (temp file + rename); each rank uses its own temp file, so failing ranks never tear it."""
     tmp = run_dir / f".status.json.{rank}.tmp"
