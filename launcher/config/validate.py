@@ -35,6 +35,8 @@ CHOICES = {
     "precision.name": ("fp32", "fp16", "bf16"),
     "train.schedule": ("cosine", "linear", "constant"),
     "cluster.name": ("local", "slurm", "hostfile"),
+    "data.format": ("text", "alpaca", "sharegpt", "messages"),
+    "data.overlong": ("truncate", "drop"),
 }
 
 
@@ -198,6 +200,10 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
+    if cfg.data.format != "text" and cfg.data.path is None:
+        raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
+    if not 0 <= cfg.data.max_bad_fraction < 1:
+        raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {cfg.data.max_bad_fraction}")
     if cfg.cluster.hostfile is not None and not os.path.isfile(cfg.cluster.hostfile):
         raise ConfigError("cluster.hostfile", f"{cfg.cluster.hostfile} does not exist")
 
