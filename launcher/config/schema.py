@@ -83,6 +83,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attn_implementation: str = "sdpa"
+    # HF model_type (llama, qwen2, qwen3, mistral, gemma2, phi3, ...): with model.path, from its config.json.
+    model_type: str = "llama"
+    # Per-head width; null: hidden_size / num_attention_heads (Gemma 2 and Qwen 3 set it explicitly).
+    head_dim: Optional[int] = None
+    # Biases on the q/k/v projections (Qwen 2/2.5).
+    attention_bias: bool = False
+    # Sliding-window attention width in tokens (Mistral, Gemma 2 local layers); null: full attention.
+    sliding_window: Optional[int] = None
 
 
 @dataclass
