@@ -8,8 +8,6 @@ import os
 from omegaconf import DictConfig
 
 
-
-
 def absolutize_paths(cfg: DictConfig) -> None:
     # launch.sh runs the ranks inside the run dir, so relative paths must be made absolute here.
     for node, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "cache_dir"), (cfg.cluster, "hostfile")):
