@@ -50,6 +50,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         check_node_has_gpus(cfg, topo, local_gpus)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
+        notes += _check_records(cfg)
     notes += _preflight(cfg, topo)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
@@ -109,6 +110,22 @@ def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str]):
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in decided
             and not (auto_ac and o.startswith("activation_checkpointing.every_n_layers="))]
     return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
+
+
+def _check_records(cfg: DictConfig) -> List[str]:
+    """Every record parses and has its fields, before any rank starts (data.max_bad_fraction)."""
+    if cfg.data.path is None:
+        return []
+    from launcher.data.build import read_examples
+    from launcher.data.records import DataError
+
+    try:
+        examples, counts = read_examples(cfg)
+    except DataError as exc:
+        key, _, message = str(exc).partition(": ")
+        raise ConfigError(key, message) from None
+    skipped = f", {counts.bad} bad skipped (data.max_bad_fraction)" if counts.bad else ""
+    return [f"data: {len(examples)} {cfg.data.format} records{skipped}"]
 
 
 def _preflight(cfg: DictConfig, topo: Topology) -> List[str]:

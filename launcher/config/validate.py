@@ -200,6 +200,12 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
+    if cfg.model.path is None and cfg.model.model_type != "llama" and not cfg.dry_run:
+        raise ConfigError(
+            "model.path",
+            f"model={cfg.model.name} ({cfg.model.model_type}) describes an architecture for plans and dry runs; "
+            "set model.path=<local Hugging Face model dir> to train it",
+        )
     if cfg.data.format != "text" and cfg.data.path is None:
         raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
     if not 0 <= cfg.data.max_bad_fraction < 1:
