@@ -125,6 +125,10 @@ def _pack_chat(cfg: Any, tokenizer: Any, examples: List[Example], seq: int, stat
             continue
         encoded.append((ids, mask))
     records.check_bad(bad, float(cfg.data.max_bad_fraction), cfg.data.path or "built-in")
+    if not encoded:
+        raise DataError(f"data.path: no record left to train on ({stats['dropped']} dropped: longer than "
+                        f"train.seq_len={seq} or no reply left after truncation); raise train.seq_len or set "
+                        "data.overlong=truncate")
     stats["bad"] += bad.bad
     stats["record_tokens"] = sum(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
