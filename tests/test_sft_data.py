@@ -120,7 +120,8 @@ def test_alpaca_sharegpt_and_messages_pack_identically(tok, model_dir, tmp_path)
     for a, b in zip(rows["alpaca"], rows["messages"]):
         assert np.array_equal(a, b)
     ids, labels, pos = rows["alpaca"]
-    assert tok.decode([i for i in labels if i >= 0]) == "Blue.<|im_end|>\n早上好。<|im_end|>\n7 plus 8 is 15.<|im_end|>\n"
+    replies = "Blue.<|im_end|>\n早上好。<|im_end|>\n7 plus 8 is 15.<|im_end|>\n"
+    assert tok.decode([i for i in labels if i >= 0]) == replies
     assert (pos == 0).sum() == 4  # three records and the padding each start at position 0
 
 
@@ -148,7 +149,8 @@ def test_bad_records_are_counted_with_line_numbers(tok, model_dir, tmp_path):
     path.write_text("\n".join(BAD * 2) + "\n")
     with pytest.raises(DataError, match=r"^data\.path: 8 of 10 records are bad \(bad\.jsonl:2: turn 1 \(assistant\): "
                                         r"empty content; bad\.jsonl:3: invalid JSON .*; bad\.jsonl:4: no assistant "
-                                        r"turn .*; bad\.jsonl:5: missing list field 'messages'; bad\.jsonl:7: .*\.\.\.\); "
+                                        r"turn .*; bad\.jsonl:5: missing list field 'messages'; "
+                                        r"bad\.jsonl:7: .*\.\.\.\); "
                                         r"fix them, or set data\.max_bad_fraction=0\.8 to skip them$"):
         build_packed(cfg_for(path, model_dir), tok, str(tmp_path / "c"))
     rows = Rows(build_packed(cfg_for(path, model_dir, max_bad_fraction=0.8), tok, str(tmp_path / "c")))
