@@ -17,7 +17,13 @@ from omegaconf import DictConfig, open_dict
 from launcher.config.compose import compose
 from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
 from launcher.config.topology import Topology, detect_local_gpus, resolve_topology
-from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
+from launcher.config.validate import (
+    check_cpu_precision,
+    check_model_to_train,
+    check_monitor_packages,
+    check_node_has_gpus,
+    validate,
+)
 from launcher.errors import ConfigError
 from launcher.launch import rundir as rundir_io
 from launcher.launch.host import cpu_flags, deepspeed_executable, free_port
@@ -50,6 +56,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         check_node_has_gpus(cfg, topo, local_gpus)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
+        check_model_to_train(cfg)
         notes += _check_records(cfg)
     notes += _preflight(cfg, topo)
     if auto_note:

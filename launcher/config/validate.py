@@ -81,6 +81,23 @@ def check_cpu_precision(cfg: DictConfig, topo: Topology, cpu_flags: set) -> None
         )
 
 
+def check_model_to_train(cfg: DictConfig) -> None:
+    """A real launch trains weights from model.path, or a Llama built from the config (the byte tokenizer)."""
+    if cfg.data.format != "text" and cfg.data.path is None:
+        raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
+    if cfg.model.path is not None:
+        return
+    if cfg.model.model_type != "llama":
+        raise ConfigError(
+            "model.path",
+            f"model={cfg.model.name} ({cfg.model.model_type}) describes an architecture for plans and dry runs; "
+            "set model.path=<local Hugging Face model dir> to train it",
+        )
+    if cfg.data.format != "text":
+        raise ConfigError("model.path", f"data.format={cfg.data.format} needs a model whose tokenizer has a chat "
+                                        "template; set model.path=<local Hugging Face model dir>")
+
+
 def check_monitor_packages(cfg: DictConfig) -> None:
     """DeepSpeed's monitors import their packages only inside the ranks; fail here instead."""
     import importlib.util
@@ -200,14 +217,6 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
-    if cfg.model.path is None and cfg.model.model_type != "llama" and not cfg.dry_run:
-        raise ConfigError(
-            "model.path",
-            f"model={cfg.model.name} ({cfg.model.model_type}) describes an architecture for plans and dry runs; "
-            "set model.path=<local Hugging Face model dir> to train it",
-        )
-    if cfg.data.format != "text" and cfg.data.path is None:
-        raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
     if not 0 <= cfg.data.max_bad_fraction < 1:
         raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {cfg.data.max_bad_fraction}")
     if cfg.cluster.hostfile is not None and not os.path.isfile(cfg.cluster.hostfile):
