@@ -61,6 +61,8 @@ def test_gemma2_head_dim_changes_flops_and_shapes():
     # Attention FLOPs use heads x head_dim (4096), not hidden (3584).
     counts = count_params(shape)
     assert flops_per_token(shape, counts, 1000) == 6 * counts.total + 12 * 42 * 16 * 256 * 1000
+    # At 8192 tokens the 21 local layers see only their 4096-token window.
+    assert flops_per_token(shape, counts, 8192) == 6 * counts.total + 12 * 42 * 16 * 256 * (4096 + 8192) / 2
 
 
 def write_config(tmp_path, **hf):
