@@ -38,7 +38,6 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     run_dir, out = Path(args[0]), Path(args[1])
 
-    import numpy as np
     import torch
     import torch.distributed as dist
     from accelerate import PartialState
@@ -47,7 +46,7 @@ def main() -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from launcher.models.tokenizer import load_tokenizer
-    from launcher.worker.data import SampleOrder, build_packed
+    from launcher.worker.data import Rows, SampleOrder, build_packed
     from launcher.worker.model import build_model
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -93,7 +92,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model.path)
-    rows = np.load(build_packed(cfg, tokenizer, cfg.data.cache_dir), mmap_mode="r")
+    rows = Rows(build_packed(cfg, tokenizer, cfg.data.cache_dir))
     order = SampleOrder(len(rows), cfg.seed)
     glob = ds["train_batch_size"]
 
@@ -104,8 +103,8 @@ def main() -> None:
             return max_steps * glob
 
         def __getitem__(self, k: int) -> dict:
-            ids = torch.from_numpy(rows[order.row(k)].astype(np.int64))
-            return {"input_ids": ids, "labels": ids}
+            ids, labels, pos = (torch.from_numpy(a) for a in rows.row(order.row(k)))
+            return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
     model, keep_alive = build_model(cfg, ds, rank)
     model.train()

@@ -19,7 +19,13 @@ from launcher.config.compose import compose
 from launcher.config.precision import resolve_auto_precision
 from launcher.config.resolve import absolutize_paths, adopt_hf_architecture, check_interpolations
 from launcher.config.topology import Topology, detect_local_gpus, resolve_topology, visible_gpu_ids
-from launcher.config.validate import check_cpu_precision, check_monitor_packages, check_node_has_gpus, validate
+from launcher.config.validate import (
+    check_cpu_precision,
+    check_model_to_train,
+    check_monitor_packages,
+    check_node_has_gpus,
+    validate,
+)
 from launcher.errors import ConfigError
 from launcher.launch import lock
 from launcher.launch import rundir as rundir_io
@@ -76,6 +82,8 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         notes += check_gpu_model(cfg, gpus or [], visible)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
+        check_model_to_train(cfg)
+        notes += _check_records(cfg)
     notes += _preflight(cfg, topo, gpu_mem)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
@@ -146,6 +154,22 @@ def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str], gpu
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in decided
             and not (auto_ac and o.startswith("activation_checkpointing.every_n_layers="))]
     return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
+
+
+def _check_records(cfg: DictConfig) -> List[str]:
+    """Every record parses and has its fields, before any rank starts (data.max_bad_fraction)."""
+    if cfg.data.path is None:
+        return []
+    from launcher.data.build import read_examples
+    from launcher.data.records import DataError
+
+    try:
+        examples, counts = read_examples(cfg)
+    except DataError as exc:
+        key, _, message = str(exc).partition(": ")
+        raise ConfigError(key, message) from None
+    skipped = f", {counts.bad} bad skipped (data.max_bad_fraction)" if counts.bad else ""
+    return [f"data: {len(examples)} {cfg.data.format} records{skipped}"]
 
 
 def _preflight(cfg: DictConfig, topo: Topology, gpu_mem: Optional[int] = None) -> List[str]:

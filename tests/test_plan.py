@@ -141,8 +141,13 @@ def test_activations_hand_calculation_llama3_8b():
                        + 32 * 4)  # fp32 logsumexp per head
     layers = 32 * tokens * per_token_layer
     logits = tokens * vocab * 3 * 4  # 3 fp32 tensors in the loss's backward (log-softmax, 2 gradients)
+    # Packed rows under sdpa: each layer saves the block-diagonal mask (micro x s x s, bf16) and k/v
+    # repeated to all 32 heads (+2 x (h - kv) per token); flash attention (varlen) needs neither.
+    packed = 32 * (2 * 8192 * 8192 * 2 + tokens * 2 * 2 * (h - kv))
     m = estimate_memory(cfg, A100, Setup(1))
-    assert m.activations == layers + tokens * norm + logits
+    assert m.activations == layers + packed + tokens * norm + logits
+    flash = estimate_memory(cfg_of(*LONG_8B, "model.attn_implementation=flash_attention_2"), A100, Setup(1))
+    assert flash.activations == layers + tokens * norm + logits
     assert layers > 79 * GIB  # the layers alone overflow an 80 GB A100, so no stage fits without checkpointing
     full = estimate_memory(cfg, A100, Setup(1, ac_every=1))
     # Full checkpointing keeps 32 layer inputs (bf16) and the loss peak (larger than one recomputed layer).

@@ -57,7 +57,8 @@ def test_checkpointing_options_without_checkpointing(tmp_path):
 
 def test_unknown_option_lists_choices(tmp_path):
     refuse(["zero=stage4"], r"^zero: no option 'stage4'; choose one of: auto, stage1, stage2, stage3", tmp_path)
-    refuse(["hardware=8xv100"], r"^hardware: no option '8xv100'; choose one of: 8xa100, 8xa100_40g, 8xh100, local",
+    refuse(["hardware=8xv100"], r"^hardware: no option '8xv100'; choose one of: 1x3090, 1x4090, 1xa10, 8x4090, "
+                                r"8xa100, 8xa100_40g, 8xh100, 8xl40s, local",
            tmp_path)
 
 

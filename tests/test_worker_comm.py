@@ -142,7 +142,7 @@ def test_default_group_tensors_are_on_the_current_device(stubbed):
     comm.start(30)
     rec.calls.clear()
     # Losses come out of the engine on the device; values come from the host.
-    comm.mean_loss([torch.ones((), device="meta"), torch.ones((), device="meta")])
+    comm.global_loss([torch.ones((), device="meta"), torch.ones((), device="meta")])
     comm.max_over_ranks([1.0, 2.0, 3.0])
     comm.broadcast_object(("x", None))
     comm.any_rank(True)
@@ -152,7 +152,7 @@ def test_default_group_tensors_are_on_the_current_device(stubbed):
     comm.finish()
     default = [(c, ts) for c, ts, g in rec.calls if g is None and c != "new_group"]
     tensors = [t for _, ts in default for t in ts]
-    assert len(tensors) == 2, rec.calls  # mean_loss and max_over_ranks
+    assert len(tensors) == 2, rec.calls  # global_loss and max_over_ranks
     assert all(t.device.type == "meta" for t in tensors), [t.device for t in tensors]
     # Control traffic: the gloo group, CPU tensors, never the default group.
     control = [(c, ts) for c, ts, g in rec.calls if g == "gloo-group"]

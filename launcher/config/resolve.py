@@ -3,24 +3,11 @@ config.json (so planning and checks see the real model). Reads only the files th
 
 from __future__ import annotations
 
-import json
 import os
 
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
-
-HF_ARCH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
 
 
 def absolutize_paths(cfg: DictConfig) -> None:
@@ -32,20 +19,9 @@ def absolutize_paths(cfg: DictConfig) -> None:
 
 def adopt_hf_architecture(cfg: DictConfig) -> None:
     """With model.path, the architecture comes from its config.json (so planning and checks see it)."""
-    if cfg.model.path is None or not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        return
-    path = os.path.join(cfg.model.path, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("model.path", f"cannot read {path}: {exc}") from None
-    for key in HF_ARCH_KEYS:
-        if key in hf and hf[key] is not None:
-            cfg.model[key] = hf[key]
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None:
-        cfg.model.rope_theta = float(theta)
+    from launcher.config.arch import adopt
+
+    adopt(cfg)
 
 
 def check_interpolations(cfg: DictConfig) -> None:

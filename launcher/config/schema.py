@@ -84,6 +84,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attn_implementation: str = "sdpa"
+    # HF model_type (llama, qwen2, qwen3, mistral, gemma2, phi3, ...): with model.path, from its config.json.
+    model_type: str = "llama"
+    # Per-head width; null: hidden_size / num_attention_heads (Gemma 2 and Qwen 3 set it explicitly).
+    head_dim: Optional[int] = None
+    # Biases on the q/k/v projections (Qwen 2/2.5).
+    attention_bias: bool = False
+    # Sliding-window attention width in tokens (Mistral, Gemma 2 local layers); null: full attention.
+    sliding_window: Optional[int] = None
 
 
 @dataclass
@@ -133,7 +141,18 @@ class ClusterConfig:
 class DataConfig:
     # Local file or folder (jsonl/json/txt/parquet). null: the built-in generated corpus.
     path: Optional[str] = None
+    # text | alpaca | sharegpt | messages (launcher/data/formats/). Chat formats train on assistant tokens only.
+    format: str = "text"
+    # The record's field for format=text (the same as data.fields.text).
     text_field: str = "text"
+    # Field names of the format's records, e.g. data.fields.instruction=question (defaults per format).
+    fields: Dict[str, str] = field(default_factory=dict)
+    # Chat formats: "auto" (the tokenizer's own template), "chatml", or a Jinja template string.
+    chat_template: str = "auto"
+    # Chat records longer than train.seq_len: "truncate" (keep the first seq_len tokens) or "drop"; counted.
+    overlong: str = "truncate"
+    # Fraction of bad records (invalid JSON, missing/empty fields) skipped; above it the data is refused.
+    max_bad_fraction: float = 0.0
     # Documents in the built-in corpus.
     builtin_documents: int = 20_000
     # Tokenized datasets are cached here; null: <run_dir>/cache.

@@ -35,6 +35,8 @@ CHOICES = {
     "precision.name": ("fp32", "fp16", "bf16"),
     "train.schedule": ("cosine", "linear", "constant"),
     "cluster.name": ("local", "slurm", "hostfile"),
+    "data.format": ("text", "alpaca", "sharegpt", "messages"),
+    "data.overlong": ("truncate", "drop"),
 }
 
 
@@ -95,6 +97,23 @@ def check_cpu_precision(cfg: DictConfig, topo: Topology, cpu_flags: set) -> None
             "precision=fp16 on CPU ranks needs a CPU with AVX512-FP16 or AMX-FP16, which this one lacks; "
             "use precision=bf16 or precision=fp32 here (fp16 runs on GPUs)",
         )
+
+
+def check_model_to_train(cfg: DictConfig) -> None:
+    """A real launch trains weights from model.path, or a Llama built from the config (the byte tokenizer)."""
+    if cfg.data.format != "text" and cfg.data.path is None:
+        raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
+    if cfg.model.path is not None:
+        return
+    if cfg.model.model_type != "llama":
+        raise ConfigError(
+            "model.path",
+            f"model={cfg.model.name} ({cfg.model.model_type}) describes an architecture for plans and dry runs; "
+            "set model.path=<local Hugging Face model dir> to train it",
+        )
+    if cfg.data.format != "text":
+        raise ConfigError("model.path", f"data.format={cfg.data.format} needs a model whose tokenizer has a chat "
+                                        "template; set model.path=<local Hugging Face model dir>")
 
 
 def check_monitor_packages(cfg: DictConfig) -> None:
@@ -219,6 +238,8 @@ def _check_paths(cfg: DictConfig) -> None:
                               "finish the download, or drop model.path to train from scratch")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
+    if not 0 <= cfg.data.max_bad_fraction < 1:
+        raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {cfg.data.max_bad_fraction}")
     if cfg.cluster.hostfile is not None and not os.path.isfile(cfg.cluster.hostfile):
         raise ConfigError("cluster.hostfile", f"{cfg.cluster.hostfile} does not exist")
 

@@ -124,7 +124,7 @@ def rms_norm_bytes(tokens: int, hidden: int, ab: int) -> int:
     return tokens * (hidden * (4 + 2 * ab) + 4)
 
 
-def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int) -> int:
+def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int, packed: bool = False) -> int:
     """Bytes one LlamaDecoderLayer saves for backward (HF, SDPA with native GQA, no dropout).
 
     Per token: 2 RMSNorms (rms_norm_bytes); attention: q after RoPE (h), k and v at GQA width (2 kv),
@@ -137,15 +137,24 @@ def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int) -> 
     t = micro * seq
     h, kv, inter = shape.hidden, shape.kv_width, shape.intermediate
     norms = 2 * rms_norm_bytes(t, h, ab)
-    attention = t * ab * (h + 2 * kv + h) + micro * shape.heads * seq * 4
+    attention = t * ab * (2 * shape.q_width + 2 * kv) + micro * shape.heads * seq * 4
     mlp = 4 * t * ab * inter
-    return norms + attention + mlp
+    return norms + attention + mlp + (packed_attention_bytes(shape, micro, seq, ab) if packed else 0)
 
 
-def activation_terms(shape: ModelShape, setup: Setup, micro: int, seq: int, ab: int) -> dict[str, int]:
+def packed_attention_bytes(shape: ModelShape, micro: int, seq: int, ab: int) -> int:
+    """Extra per layer when packed rows (restarting position_ids) meet sdpa/eager attention: transformers
+    builds a block-diagonal mask, which each layer saves (micro x seq x seq in the activation dtype), and
+    SDPA with a mask cannot take GQA k/v as they are, so HF repeats them to every head (k and v saved at
+    q width). Measured on CPU (tests/test_packing.py); flash attention's varlen path needs neither."""
+    return micro * seq * seq * ab + 2 * micro * seq * ab * (shape.q_width - shape.kv_width)
+
+
+def activation_terms(shape: ModelShape, setup: Setup, micro: int, seq: int, ab: int,
+                     packed: bool = False) -> dict[str, int]:
     """Activations at the peak (start of backward, or the recompute of the last checkpointed layer)."""
     t = micro * seq
-    layer = layer_activation_bytes(shape, micro, seq, ab)
+    layer = layer_activation_bytes(shape, micro, seq, ab, packed)
     n_ckpt = checkpointed_layers(shape.layers, setup.ac_every)
     layer_input = t * shape.hidden * ab  # what a checkpoint keeps: the layer's input hidden states
     kept_inputs = 0 if setup.cpu_checkpointing else n_ckpt * layer_input
@@ -175,7 +184,9 @@ def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup, micro_batch_s
     micro = int(cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size)
     prec = precision_bytes(str(cfg.precision.name))
     terms = model_state_terms(cfg, topo, setup, counts, prec, accum)
-    terms.update(activation_terms(shape, setup, micro, int(cfg.train.seq_len), prec.activation))
+    # Packed rows keep records apart through a mask unless attention is flash attention (varlen).
+    packed = not str(cfg.model.get("attn_implementation", "sdpa")).startswith("flash")
+    terms.update(activation_terms(shape, setup, micro, int(cfg.train.seq_len), prec.activation, packed))
     if setup.cpu_checkpointing:
         n_ckpt = checkpointed_layers(shape.layers, setup.ac_every)
         terms["host.checkpoint_inputs"] = n_ckpt * micro * int(cfg.train.seq_len) * shape.hidden * prec.activation

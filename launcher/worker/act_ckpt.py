@@ -13,6 +13,11 @@ def enable(model: Any, cfg: Any, ds_config_path: str) -> int:
     import deepspeed
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        from launcher.worker.status import EXIT_USER_ERROR, StopRun
+
+        raise StopRun(f"activation_checkpointing: {type(model).__name__} does not support activation checkpointing "
+                      "(its decoder layers cannot recompute); use activation_checkpointing=none", EXIT_USER_ERROR)
     # Buffers from a previous engine in this process would be reused with the wrong shapes.
     deepspeed.checkpointing.reset()
     deepspeed.checkpointing.configure(None, deepspeed_config=ds_config_path)

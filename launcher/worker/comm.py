@@ -78,9 +78,10 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def mean_loss(losses: Sequence[torch.Tensor]) -> float:
-    """Mean over this rank's micro-batch losses, then over ranks (on the device; one sync, at log steps)."""
-    t = torch.stack([loss.detach().float() for loss in losses]).mean().reshape(1).to(device())
+def global_loss(losses: Sequence[torch.Tensor]) -> float:
+    """The global batch's loss: each micro-batch loss is its token-loss sum / (global targets / world)
+    (worker/train.py), so summing over micro batches and ranks and dividing by world gives sum / targets."""
+    t = torch.stack([loss.detach().float() for loss in losses]).sum().reshape(1).to(device())
     dist.all_reduce(t)
     return _values(t)[0] / dist.get_world_size()
 

@@ -24,6 +24,12 @@ def export_at_end(ctx: Any, engine: Any) -> None:
     failure = None
     with comm.others_wait(minutes):
         if ctx.rank == 0:
+            # A model.path run under ZeRO-3 registered HfDeepSpeedConfig for loading; while it is set, the
+            # export's verification load (from_pretrained) would build a partitioned model and wait in
+            # collectives for ranks that are waiting for us. Training is over: unregister it.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
             failure = _export(ctx)
     if failure is not None:
         raise StopRun(failure, EXIT_USER_ERROR, state="export_failed")

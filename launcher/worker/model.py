@@ -1,4 +1,5 @@
-"""The model each rank trains: loaded from model.path or built from the config.
+"""The model each rank trains: any Hugging Face causal LM loaded from model.path (AutoModelForCausalLM, in the
+training dtype), or a Llama built from the config.
 
 Under ZeRO-3 the model is constructed partitioned (deepspeed.zero.Init, or HfDeepSpeedConfig before
 from_pretrained), so no rank ever holds a full copy. Weights built from the config are initialised per
@@ -12,9 +13,12 @@ import zlib
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from launcher.models.hf_config import INIT_STD, llama_config
+from launcher.worker.status import EXIT_USER_ERROR, StopRun
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def init_parameter(name: str, param: torch.Tensor, seed: int) -> None:
@@ -63,13 +67,19 @@ def build_model(
 
             # Must exist before from_pretrained: it makes HF load straight into ZeRO-3 partitions.
             keep_alive = HfDeepSpeedConfig(ds_config)
-        # In the training dtype, straight from the checkpoint's tensors (low_cpu_mem_usage: no randomly
-        # initialised copy first): an 8B model is 16 GB per rank in bf16, not 32 GB in fp32. Under ZeRO-1/2
-        # every rank of a node holds one such copy while loading (the planner's host.load_per_node term).
-        model = LlamaForCausalLM.from_pretrained(
-            cfg.model.path, local_files_only=True, torch_dtype=training_dtype(cfg.precision.name),
-            low_cpu_mem_usage=True, attn_implementation=cfg.model.attn_implementation,
-        )
+        # In the training dtype, straight from the checkpoint's tensors: an 8B model is 16 GB per rank in bf16,
+        # not 32 GB in fp32. Under ZeRO-1/2 every rank of a node holds one such copy while loading (the
+        # planner's host.load_per_node term).
+        try:
+            # trust_remote_code stays off: remote-code models are refused at launch (launcher.config.arch).
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model.path, local_files_only=True, dtype=DTYPES[cfg.precision.name],
+                attn_implementation=cfg.model.attn_implementation, trust_remote_code=False,
+            )
+        except (ValueError, OSError, ImportError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            message = f"model.path: cannot load {cfg.model.path} as a causal LM: {first}"
+            raise StopRun(message, EXIT_USER_ERROR) from None
         model.config.use_cache = False
         return model, keep_alive
     config = llama_config(cfg.model)

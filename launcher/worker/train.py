@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from launcher.models.tokenizer import load_tokenizer
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
 from launcher.worker import act_ckpt, ckpt, comm, console, metrics, signals
-from launcher.worker.data import DataError, SampleOrder, build_packed, micro_batches
+from launcher.worker.data import DataError, Rows, SampleOrder, build_packed, global_targets, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, progress, write_status
 
@@ -29,7 +28,7 @@ class Context:
     world: int
 
 
-def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:
+def prepare_data(ctx: Context, tokenizer: Any) -> Rows:
     """Rank 0 tokenizes and packs (cached); every rank learns of an error before any training step."""
     cache_dir = ctx.cfg.data.cache_dir or str(ctx.run_dir / "cache")
     result = (None, None)
@@ -41,7 +40,9 @@ def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:
     result = comm.broadcast_object(result, src=0)
     if result[0] is not None:
         raise StopRun(result[0], EXIT_USER_ERROR)
-    rows = np.load(result[1], mmap_mode="r")
+    rows = Rows(result[1])
+    if ctx.rank == 0:
+        console.say(f"[launcher] data: {_data_summary(rows)}")
     if len(rows) < ctx.ds["train_batch_size"]:
         raise StopRun(
             f"data.path: only {len(rows)} sequences of {ctx.cfg.train.seq_len} tokens, fewer than one global "
@@ -49,6 +50,15 @@ def prepare_data(ctx: Context, tokenizer: Any) -> np.ndarray:
             EXIT_USER_ERROR,
         )
     return rows
+
+
+def _data_summary(rows: Rows) -> str:
+    stats = rows.meta.get("stats", {})
+    parts = [f"{len(rows)} rows x {rows.seq_len} tokens", f"{stats.get('targets', 0):,} target tokens"]
+    for key in ("records", "bad", "truncated", "dropped", "padding_fraction"):
+        if stats.get(key):
+            parts.append(f"{key} {stats[key]}")
+    return ", ".join(parts)
 
 
 def current_loss_scale(engine: Any) -> Optional[float]:
@@ -122,10 +132,15 @@ def train(ctx: Context) -> int:
     step = start
     for step in range(start + 1, max_steps + 1):
         losses = []
+        # Loss = sum of token losses over the whole global batch / its target tokens, whatever the split:
+        # each micro batch's loss is its sum / (targets / world), DeepSpeed averages gradients over the
+        # `world` ranks, and scale_wrt_gas=False stops it dividing by the accumulation steps.
+        per_rank = max(global_targets(rows, order, step - 1, glob), 1) / world
         for batch in micro_batches(rows, order, step - 1, glob, micro, accum, rank, world):
-            ids = torch.from_numpy(batch.astype(np.int64)).to(engine.device)
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
+            inputs = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
+            # position_ids restart per record and no attention_mask: attention stays within records.
+            loss = engine(**inputs, use_cache=False, num_items_in_batch=per_rank).loss
+            engine.backward(loss, scale_wrt_gas=False)
             engine.step()
             losses.append(loss.detach())
         window_steps += 1
@@ -137,7 +152,7 @@ def train(ctx: Context) -> int:
             steps_at_min_scale = 0
 
         if step % cfg.train.log_every == 0 or step == max_steps:
-            loss = comm.mean_loss(losses)
+            loss = comm.global_loss(losses)
             mem_here = metrics.memory_bytes()
             mem = dict(zip(mem_here, comm.max_over_ranks(list(mem_here.values()))))
             if engine.device.type == "cuda":

@@ -1,0 +1,47 @@
+"""`python -m launcher.data <launcher overrides> [row=N]`: build (or reuse) the packed rows a run with these
+overrides trains on, in the same cache the run uses, and print row N (default 0) with its labels."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List
+
+
+def main(argv: List[str]) -> int:
+    from launcher.config.compose import compose
+    from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
+    from launcher.data.build import build_packed
+    from launcher.data.records import DataError
+    from launcher.data.show import describe_row
+    from launcher.data.store import Rows
+    from launcher.errors import ConfigError
+
+    row = 0
+    overrides = []
+    for arg in argv:
+        if arg.startswith("row="):
+            row = int(arg.split("=", 1)[1])
+        else:
+            overrides.append(arg)
+    try:
+        cfg, run_dir = compose(overrides)
+        absolutize_paths(cfg)
+        adopt_hf_architecture(cfg)
+        from launcher.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.path)
+        cache_dir = cfg.data.cache_dir or os.path.join(os.path.abspath(run_dir), "cache")
+        rows = Rows(build_packed(cfg, tokenizer, cache_dir))
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not 0 <= row < len(rows):
+        print(f"error: row: {row} is out of range; the data packs into {len(rows)} rows", file=sys.stderr)
+        return 2
+    print(describe_row(rows, row, tokenizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
