@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return export_main(rest)
     if sub == "data":
-        from launcher.data_cli import main as data_main
+        from launcher.data.__main__ import main as data_main
 
         return data_main(rest)
     if sub == "sweep":

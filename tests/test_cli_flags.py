@@ -83,7 +83,7 @@ def test_subcommands_and_python_m_forms(tmp_path):
     res = run_cli(["sweep", str(tmp_path)])
     assert res.returncode == 2 and res.stderr.startswith("error: sweep: no sweep.json")
     res = run_cli(["data", f"hydra.run.dir={tmp_path / 'd'}", "data.builtin_documents=100"])
-    assert res.returncode == 0 and "sequences x 128 tokens packed" in res.stdout, res.stderr
+    assert res.returncode == 0 and "row 0 of 100 (128 tokens" in res.stdout, res.stderr
 
 
 def test_precision_auto_follows_the_hardware(tmp_path):

@@ -73,13 +73,13 @@ def test_fp16_block_is_dynamic_loss_scaling(tmp_path):
 
 
 def test_accumulation_derived_from_global_batch(tmp_path):
-    run = prepare(["train.micro_batch_size=2", "train.global_batch_size=48", "hardware=8xa100", "cluster.nodes=3",
-                   "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
+    run = prepare(["train.micro_batch_size=2", "train.global_batch_size=48", "hardware=8xa100", "cluster=slurm",
+                   "cluster.nodes=3", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
     ds = _ds(run)
     # 48 = 2 micro x 1 accum x 24 ranks (3 nodes x 8)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 1)
-    run = prepare(["train.micro_batch_size=2", "train.global_batch_size=96", "hardware=8xa100", "cluster.nodes=3",
-                   "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
+    run = prepare(["train.micro_batch_size=2", "train.global_batch_size=96", "hardware=8xa100", "cluster=slurm",
+                   "cluster.nodes=3", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
     assert _ds(run)["gradient_accumulation_steps"] == 2
 
 

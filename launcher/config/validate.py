@@ -233,7 +233,8 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} is not a directory; give a local HF model dir")
         if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
-        if not any(os.path.isfile(os.path.join(cfg.model.path, f)) for f in WEIGHT_FILES):
+        # A dry run or a plan needs only config.json (the architecture); a launch needs the weights.
+        if not cfg.dry_run and not any(os.path.isfile(os.path.join(cfg.model.path, f)) for f in WEIGHT_FILES):
             raise ConfigError("model.path", f"{cfg.model.path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
                               "finish the download, or drop model.path to train from scratch")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):

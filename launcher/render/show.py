@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config.compose import compose
+from launcher.config.secrets import mask
 from launcher.errors import ConfigError
-from launcher.render.rundir import SECRET_PATTERN
 
 
 def show_cfg(overrides: Sequence[str], which: str, resolve: bool = False, package: Optional[str] = None) -> str:
@@ -24,7 +24,7 @@ def show_cfg(overrides: Sequence[str], which: str, resolve: bool = False, packag
     if not isinstance(cfg, DictConfig):
         return f"{cfg}\n"
     # As Hydra: ${...} stays unless --resolve; secret-looking keys are redacted as in config.yaml.
-    container = _redact(OmegaConf.to_container(cfg, resolve=resolve))
+    container = mask(OmegaConf.to_container(cfg, resolve=resolve))
     header = f"# @package {package}\n" if package else ""
     return header + OmegaConf.to_yaml(OmegaConf.create(container))
 
@@ -48,10 +48,3 @@ def show_info(overrides: Sequence[str], which: str = "all") -> str:
         lines.append(f"Run dir: {run_dir}")
     return "\n".join(lines) + "\n"
 
-
-def _redact(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: ("<redacted>" if SECRET_PATTERN.search(str(k)) else _redact(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_redact(v) for v in node]
-    return node
