@@ -24,6 +24,7 @@ from launcher.launch import rundir as rundir_io
 from launcher.launch.gpus import check_gpu_model, query_gpus, smallest_memory_bytes
 from launcher.launch.host import cpu_flags, deepspeed_executable, free_port, usable_cpus
 from launcher.launch.resume import WorldChange, adopt_checkpoint_batch, universal_ds_config
+from launcher.plan.record import run_plan
 from launcher.render import rundir
 from launcher.render.command import deepspeed_args, launch_script, rank_environment
 from launcher.render.ds_config import build_ds_config
@@ -89,7 +90,8 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         "config.yaml": rundir.config_yaml(cfg),
         "ds_config.json": rundir.to_json(ds),
         "launch.sh": launch_script(env, deepspeed_bin, args, str(run_dir)),
-        "run.json": rundir.to_json(rundir.run_info(sys.argv, command)),
+        # run.json "plan": what the worker compares its measured peak with at the end of the run.
+        "run.json": rundir.to_json(dict(rundir.run_info(sys.argv, command), plan=run_plan(cfg, topo))),
     }
     if cfg.cluster.name == "slurm":
         from launcher.render.sbatch import slurm_files
