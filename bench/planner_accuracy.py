@@ -10,8 +10,8 @@ total for the configured setup (what the pre-flight check used). Measured: metri
 error = (planned - measured) / measured: negative is an under-prediction (a crash risk).
 
 Three groups, reported apart:
-- fitted: the 12 points the constants were fitted on (two Llama sizes x ZeRO 1/2/3 x checkpointing none/full,
-  fp32, no offload, no accumulation);
+- fitted: the points the constants may be fitted on: 12 (two Llama sizes x ZeRO 1/2/3 x checkpointing
+  none/full, fp32, no offload, no accumulation) and 4 small ones for bf16, CPU offload and accumulation (EXTRA);
 - held_out: bench/planner_grid.py, 24 points drawn with seed 13 and committed before any refit; never fitted on;
 - hand: the 24M-parameter point tried by hand when issue 13 was filed.
 Steps: S (default 2) for gradient accumulation 1, 1 for accumulation 4 (four forward/backward passes already).
@@ -48,8 +48,23 @@ MODELS = {
 }
 
 
+# Fitted points added for issue 13 (chosen by hand, not drawn from the held-out grid): bf16, CPU offload and
+# gradient accumulation, which the 12-point grid does not cover. name -> overrides beyond EXTRA_ARCH.
+EXTRA_ARCH = ["model.vocab_size=8000", "model.hidden_size=384", "model.intermediate_size=1024",
+              "model.num_hidden_layers=4", "model.num_attention_heads=6", "model.num_key_value_heads=2",
+              "model.max_position_embeddings=1024", "train.seq_len=512"]
+EXTRA = {
+    "x_z2_bf16": ["train.micro_batch_size=2", "train.global_batch_size=4", "zero=stage2", "precision=bf16"],
+    "x_z2_off": ["train.micro_batch_size=2", "train.global_batch_size=4", "zero=stage2", "offload=cpu",
+                 "precision=fp32"],
+    "x_z1_a4_bf16": ["train.micro_batch_size=1", "train.global_batch_size=8", "zero=stage1", "precision=bf16"],
+    "x_z3_off_ac_bf16": ["train.micro_batch_size=2", "train.global_batch_size=4", "zero=stage3", "offload=cpu",
+                         "activation_checkpointing=full", "precision=bf16"],
+}
+
+
 def fitted_points() -> list[dict]:
-    points = []
+    points = [{"name": name, "overrides": [*EXTRA_ARCH, *extra]} for name, extra in EXTRA.items()]
     for model, (arch, seq, micro) in MODELS.items():
         for stage in (1, 2, 3):
             for ac in ("none", "full"):
