@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"  {group} {r['name']}: " + (f"{r['error_pct']:+.1f}% ({r['seconds']:.0f} s)" if "error" not in r
                                                      else "launch failed"), file=sys.stderr, flush=True)
-            results[group] = rows
+                results[group] = rows
+                if args.json:  # after every point: a long bench cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(results, indent=1))
     for group, rows in results.items():
         table(group, rows)
     print(f"\nbench took {time.perf_counter() - started:.0f} s; target on held_out: max |error| <= {TARGET:.0f}%, "
