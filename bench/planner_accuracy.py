@@ -14,7 +14,9 @@ Three groups, reported apart:
   none/full, fp32, no offload, no accumulation) and 4 small ones for bf16, CPU offload and accumulation (EXTRA);
 - held_out: bench/planner_grid.py, 24 points drawn with seed 13 and committed before any refit; never fitted on;
 - hand: the 24M-parameter point tried by hand when issue 13 was filed.
-Steps: S (default 2) for gradient accumulation 1, 1 for accumulation 4 (four forward/backward passes already).
+Steps: S (default 2) for every point. One is not enough: Adam's moments are created in the first optimizer step,
+after the first forward/backward peak. (A first held-out run measured accumulation-4 points with 1 step:
+docs/planner.md.)
 Launches run one at a time; expect 20-200 s each on a 2-core host (bench time is printed).
 """
 
@@ -78,15 +80,8 @@ def fitted_points() -> list[dict]:
 GROUPS = {"fitted": fitted_points, "held_out": held_out_points, "hand": lambda: [HAND_TRIED]}
 
 
-def accum_of(overrides: list[str]) -> int:
-    get = dict(o.split("=", 1) for o in overrides)
-    glob, micro = get.get("train.global_batch_size"), int(get.get("train.micro_batch_size", 1))
-    return 1 if glob is None else int(glob) // (micro * WORLD)
-
-
 def run_point(point: dict, steps: int, scratch: Path) -> dict:
     run_dir = scratch / point["name"]
-    steps = steps if accum_of(point["overrides"]) == 1 else 1
     cmd = [sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", f"train.max_steps={steps}",
            "train.log_every=1", "train.save_every=1000", *point["overrides"]]
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
@@ -129,7 +124,7 @@ def table(title: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of " + ",".join(GROUPS))
-    parser.add_argument("--steps", type=int, default=2, help="training steps per point (accumulation 4: 1)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per point")
     parser.add_argument("--only", default="", help="comma-separated point names (default: all in the groups)")
     parser.add_argument("--json", help="also write every row here")
     args = parser.parse_args(argv)
