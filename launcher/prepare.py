@@ -6,6 +6,7 @@ One PreparedRun, used alike by the CLI (`python -m launcher`) and the SLURM job 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from launcher.launch import rundir as rundir_io
 from launcher.launch.gpus import check_gpu_model, query_gpus, smallest_memory_bytes
 from launcher.launch.host import cpu_flags, deepspeed_executable, free_port, usable_cpus
 from launcher.launch.resume import WorldChange, adopt_checkpoint_batch, universal_ds_config
+from launcher.plan.record import run_plan
 from launcher.render import rundir
 from launcher.render.command import deepspeed_args, launch_script, rank_environment
 from launcher.render.ds_config import build_ds_config
@@ -113,6 +115,8 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         from launcher.render.hostfile import hostfile_files
 
         command, files = hostfile_files(cfg, topo, run_dir, files, deepspeed_bin, env, port)
+    # This launch's run.json entry carries the plan the worker compares its measured peak with at the end.
+    files["run.json"] = rundir.to_json(dict(json.loads(files["run.json"]), plan=run_plan(cfg, topo)))
     return PreparedRun(cfg, topo, run_dir, files, command, notes, world_change, secrets.split_env(env)[1])
 
 

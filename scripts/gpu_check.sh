@@ -151,7 +151,11 @@ Z3=("${LLAMA_1B[@]}" precision=bf16 zero=stage3 offload=cpu activation_checkpoin
     "${PEAK_ARG[@]}")
 launch z3_offload 420 "${Z3[@]}" train.max_steps=4 train.log_every=2 train.save_every=100000
 d=$(check "$WORK/z3_offload" 'st.get("state") == "completed" and math.isfinite(last["loss"]) and last["mem_peak_gb"] > 0')
-[ $? -eq 0 ] && result "~1B ZeRO-3 + AC + CPU offload, seq 2048" PASS "$d; $(plan_expect "${Z3[@]}")" \
+ok=$?
+# The worker's closing lines: run.json's plan vs each GPU's reserved (allocator) and device-used peak.
+closing=$(grep '^memory: rank' "$WORK/z3_offload.log" | tr '\n' ';')
+[ -n "$closing" ] || { ok=1; d="$d; no closing 'memory: rank N planned' line"; }
+[ $ok -eq 0 ] && result "~1B ZeRO-3 + AC + CPU offload, seq 2048" PASS "$d; $closing $(plan_expect "${Z3[@]}")" \
   || result "~1B ZeRO-3 + AC + CPU offload, seq 2048" FAIL "$d; log $WORK/z3_offload.log"
 rm -rf "$WORK/z3_offload/checkpoints"
 

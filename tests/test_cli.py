@@ -36,7 +36,12 @@ def test_dry_run_artifacts(run_dir):
     assert command.startswith("exec ") and "deepspeed --num_gpus 2 --num_nodes 1 --master_port 29555" in command
     assert command.endswith(f"--no_local_rank --module launcher.worker --run-dir {run_dir}")
     assert "export DS_ACCELERATOR=cpu" in launch and "export OMP_NUM_THREADS=" in launch
+    # CPU ranks: glibc hands freed tensors back, so RSS follows the plan (launcher.render.command.CPU_RANK_MALLOC)
+    assert "export MALLOC_MMAP_THRESHOLD_=65536\n" in launch and "export MALLOC_TRIM_THRESHOLD_=0\n" in launch
     info = json.loads((run_dir / "run.json").read_text())["launches"][-1]
+    plan = info["plan"]  # what the worker's closing line compares with
+    assert plan["accelerator"] == "cpu" and plan["expect_gib"]["rss"] == plan["peak_gib"] > 0
+    assert sum(plan["terms_bytes"].values()) > 0 and set(plan["columns_gib"]) >= {"params", "activations"}
     assert set(info) >= {"git_sha", "versions", "host", "start", "argv", "command"}
     assert info["versions"]["deepspeed"] and info["command"][-1] == str(run_dir)
     assert command.split(" ", 1)[1] in res.stdout.replace("\n", " ") or info["command"][1] == "--num_gpus"

@@ -387,3 +387,28 @@ def test_cli_imports_no_torch():
     assert proc.returncode == 0
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
     assert not [m for m in imported if m.split(".")[0] in ("torch", "deepspeed", "transformers")]
+
+
+def test_closing_memory_lines_cpu_and_gpu():
+    from launcher.worker.memory_plan import lines
+
+    gib = 1024**3
+    cpu = {"accelerator": "cpu", "expect_gib": {"rss": 1.1}}
+    got = lines(cpu, [{"mem_peak_gb": 1.0 * gib, "mem_train_peak_gb": 0.9 * gib}])
+    assert got == ["memory: rank 0 planned 1.10 GiB, measured 1.00 GiB (+10.0%); training phase 0.90 GiB"]
+    gpu = {"accelerator": "cuda", "expect_gib": {"reserved": 9.0, "device_used": 11.0}}
+    got = lines(gpu, [{"mem_peak_gb": 10.0 * gib, "mem_train_peak_gb": 10.0 * gib, "mem_device_used_gb": 11.0 * gib}])
+    assert got == ["memory: rank 0 planned 9.00 GiB, measured 10.00 GiB (-10.0%); training phase 10.00 GiB; "
+                   "device used 11.00 GiB, planned 11.00 GiB (+0.0%)"]
+
+
+def test_run_plan_is_the_preflight_total():
+    from launcher.plan.record import run_plan
+
+    cfg = cfg_of("zero=stage3", "precision=fp32")
+    plan = run_plan(cfg, CPU2)
+    assert plan["peak_gib"] == pytest.approx(sum(plan["columns_gib"].values()), abs=1e-3)
+    assert plan["expect_gib"] == {"rss": plan["peak_gib"]}
+    assert plan["peak_gib"] == pytest.approx(preflight(cfg, CPU2, host_mem_bytes=HOST_24G).needed_gib, abs=0.01)
+    gpu = run_plan(cfg_of("zero=stage3", "precision=bf16", "hardware=8xa100"), A100)
+    assert gpu["expect_gib"]["reserved"] < gpu["peak_gib"] < gpu["expect_gib"]["device_used"]

@@ -16,6 +16,14 @@ WORKER_MODULE = "launcher.worker"
 # The directory that holds the `launcher` package (this file is launcher/render/command.py).
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
+# CPU ranks: glibc returns freed tensors to the OS (blocks of 64 KiB and more are mmapped, the heap top is
+# trimmed at once), so a rank's RSS follows its live tensors and the planner's figure is what the run
+# reaches. With glibc's defaults the dynamic mmap threshold climbs to 32 MiB after the first large free,
+# freed activations stay in the heap, and the peak RSS grew 1.46 -> 1.80 -> 1.87 GB over 3 steps of the
+# 24M-parameter ZeRO-2 point (bench/planner_grid.py HAND_TRIED), 30% over the plan. Cost in tokens/s:
+# docs/planner.md.
+CPU_RANK_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
 
 def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: Optional[int],
                      user_env: Mapping[str, str] | None = None) -> Dict[str, str]:
@@ -30,6 +38,7 @@ def rank_environment(cfg: DictConfig, topo: Topology, cpus_per_node: Optional[in
         # One thread per rank per core: the default (all cores per rank) oversubscribes and makes
         # step times jump 20x on a 2-core node.
         env["OMP_NUM_THREADS"] = str(max(1, (cpus_per_node or 1) // topo.ranks_per_node))
+        env.update(CPU_RANK_MALLOC)
         return env
     for key, value in cfg.hardware.nccl_env.items():
         if not secrets.ENV_NAME.match(str(key)):

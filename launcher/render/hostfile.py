@@ -82,5 +82,5 @@ def hostfile_files(
     out = dict(files)
     out["launch.sh"] = launch_script(env, deepspeed_bin, args, str(run_dir))
     out[".deepspeed_env"] = deepspeed_env_text(env, str(Path(sys.executable).parent))
-    out["run.json"] = rundir.to_json(rundir.run_info(sys.argv, command))
+    out["run.json"] = rundir.with_command(files["run.json"], rundir.run_info(sys.argv, command))
     return command, out

@@ -43,6 +43,12 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(redact_config(cfg)))
 
 
+def with_command(run_json: str, info: Dict[str, Any]) -> str:
+    """A run.json entry rewritten for another command (sbatch, hostfile runner), keeping what else it holds
+    (the memory plan)."""
+    return to_json({**json.loads(run_json), **info})
+
+
 def run_info(argv: Sequence[str], command: List[str]) -> Dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:

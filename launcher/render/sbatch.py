@@ -287,5 +287,5 @@ def slurm_files(
     command = ["sbatch", str(script)]
     out = {k: v for k, v in files.items() if k != "launch.sh"}
     out[script.name] = sbatch_script(cfg, topo, rank_environment(cfg, topo, cpus, user_env), paths)
-    out["run.json"] = rundir.to_json(rundir.run_info(sys.argv, command))
+    out["run.json"] = rundir.with_command(files["run.json"], rundir.run_info(sys.argv, command))
     return command, out

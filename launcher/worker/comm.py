@@ -71,6 +71,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order, on every rank (control group: no device memory)."""
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_control)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (control group, CPU tensor: no device sync)."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)

@@ -10,28 +10,65 @@ from typing import Any, Dict, List
 
 import torch
 
+# Peaks before the training phase (model build, data preparation), kept when the counters are reset.
+_before_training: Dict[str, float] = {}
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def start_training_phase() -> None:
+    """Remember the peaks so far and restart the peak counters: from here on, the training-phase peak.
+
+    CPU: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0). GPU:
+    torch.cuda.reset_peak_memory_stats. The lifetime peak (mem_peak_gb) stays the larger of both phases.
+    """
+    global _before_training
+    _before_training = _phase_peaks()
+    if _on_gpu():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # no reset: the training-phase peak then equals the lifetime peak
+
+
+def _phase_peaks() -> Dict[str, float]:
+    if _on_gpu():
+        return {"reserved": float(torch.cuda.max_memory_reserved()),
+                "allocated": float(torch.cuda.max_memory_allocated())}
+    return {"rss": float(_vmhwm())}
+
 
 def memory_bytes() -> Dict[str, float]:
-    """This rank's memory, named by what it measures.
+    """This rank's memory in bytes, named by what it measures.
 
-    GPU: mem_peak_gb = torch.cuda.max_memory_reserved (what the caching allocator took from the device at
-    its peak: the unit of the planner's per-rank terms), mem_allocated_peak_gb = max_memory_allocated (live
-    tensors only), mem_device_used_gb = device total - free now (mem_get_info): the allocator's reservation
-    plus what sits outside it (CUDA context, NCCL buffers, cuBLAS workspaces; the planner's
-    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: mem_peak_gb = peak RSS of this process (VmHWM).
+    mem_peak_gb: the lifetime peak (model build and data preparation included: an OOM there is still an
+    OOM), the figure the planner must not under-predict; mem_train_peak_gb: the peak since
+    start_training_phase. GPU: peaks of torch.cuda.max_memory_reserved (what the caching allocator took
+    from the device: the unit of the planner's per-rank terms), mem_allocated_peak_gb = max_memory_allocated
+    (live tensors only), mem_device_used_gb = device total - free now (mem_get_info): the allocator's
+    reservation plus what sits outside it (CUDA context, NCCL buffers, cuBLAS workspaces; the planner's
+    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: peaks of this process's RSS (VmHWM).
     """
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    now = _phase_peaks()
+    before = _before_training or now
+    if _on_gpu():
         free, total = torch.cuda.mem_get_info()
         return {
-            "mem_peak_gb": float(torch.cuda.max_memory_reserved()),
-            "mem_allocated_peak_gb": float(torch.cuda.max_memory_allocated()),
+            "mem_peak_gb": max(before["reserved"], now["reserved"]),
+            "mem_train_peak_gb": now["reserved"],
+            "mem_allocated_peak_gb": max(before["allocated"], now["allocated"]),
             "mem_device_used_gb": float(total - free),
         }
-    return {"mem_peak_gb": float(_vmhwm())}
+    return {"mem_peak_gb": max(before["rss"], now["rss"]), "mem_train_peak_gb": now["rss"]}
 
 
 def memory_source() -> str:
-    return "cuda_max_memory_reserved" if torch.cuda.is_available() and torch.cuda.is_initialized() else "rss_vmhwm"
+    return "cuda_max_memory_reserved" if _on_gpu() else "rss_vmhwm"
 
 
 def _vmhwm() -> int:

@@ -12,7 +12,7 @@ import torch
 
 from launcher.models.tokenizer import load_tokenizer
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
-from launcher.worker import act_ckpt, ckpt, comm, console, metrics, signals
+from launcher.worker import act_ckpt, ckpt, comm, console, memory_plan, metrics, signals
 from launcher.worker.data import DataError, Rows, SampleOrder, build_packed, global_targets, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, progress, write_status
@@ -124,6 +124,7 @@ def train(ctx: Context) -> int:
             console.say(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do")
         return finish(ctx, engine, start, saved=True, keep_alive=keep_alive)
 
+    metrics.start_training_phase()  # peaks from here on: the training phase (build and data prep before)
     bar = _progress(rank, start, max_steps)
     fp16 = cfg.precision.name == "fp16"
     steps_at_min_scale = 0
@@ -220,6 +221,7 @@ def train(ctx: Context) -> int:
 
 
 def finish(ctx: Context, engine: Any, step: int, saved: bool, keep_alive: Any) -> int:
+    memory_plan.report(ctx.run_dir, ctx.rank)  # collective: `memory: rank N planned X GiB, measured Y GiB`
     if ctx.rank == 0:
         from launcher.worker.plot import plot_run
 
