@@ -23,6 +23,7 @@ from launcher.config.topology import Topology, detect_local_gpus, resolve_topolo
 from launcher.config.validate import (
     check_cpu_precision,
     check_model_to_train,
+    check_model_weights,
     check_monitor_packages,
     check_node_has_gpus,
     validate,
@@ -84,6 +85,7 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         notes += check_gpu_model(cfg, gpus or [], visible)
         check_cpu_precision(cfg, topo, cpu_flags())
         check_monitor_packages(cfg)
+        check_model_weights(cfg)
         check_model_to_train(cfg)
         notes += _check_records(cfg)
     notes += _preflight(cfg, topo, gpu_mem)

@@ -233,16 +233,19 @@ def _check_paths(cfg: DictConfig) -> None:
             raise ConfigError("model.path", f"{cfg.model.path} is not a directory; give a local HF model dir")
         if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
             raise ConfigError("model.path", f"{cfg.model.path} has no config.json; give a local HF model dir")
-        # A dry run or a plan needs only config.json (the architecture); a launch needs the weights.
-        if not cfg.dry_run and not any(os.path.isfile(os.path.join(cfg.model.path, f)) for f in WEIGHT_FILES):
-            raise ConfigError("model.path", f"{cfg.model.path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                              "finish the download, or drop model.path to train from scratch")
     if cfg.data.path is not None and not os.path.exists(cfg.data.path):
         raise ConfigError("data.path", f"{cfg.data.path} does not exist; give a local file or folder")
     if not 0 <= cfg.data.max_bad_fraction < 1:
         raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {cfg.data.max_bad_fraction}")
     if cfg.cluster.hostfile is not None and not os.path.isfile(cfg.cluster.hostfile):
         raise ConfigError("cluster.hostfile", f"{cfg.cluster.hostfile} does not exist")
+
+
+def check_model_weights(cfg: DictConfig) -> None:
+    """A launch needs the weights; a dry run or a plan needs only config.json (the architecture)."""
+    if cfg.model.path is not None and not any(os.path.isfile(os.path.join(cfg.model.path, f)) for f in WEIGHT_FILES):
+        raise ConfigError("model.path", f"{cfg.model.path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                          "finish the download, or drop model.path to train from scratch")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
