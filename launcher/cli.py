@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from launcher.config.topology import batch_shape
 from launcher.errors import ConfigError
 from launcher.launch.rundir import write_files
-from launcher.prepare import prepare
+from launcher.prepare import prepare, prepare_data
 
 EXIT_USER_ERROR = 2
 
@@ -26,6 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         run = prepare(argv)
+        if not run.cfg.dry_run:  # tokenize and pack here, before a local launch or sbatch, unless cached
+            run.notes += prepare_data(run.cfg, run.topo, run.run_dir)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -19,7 +19,7 @@ from launcher.errors import ConfigError
 from launcher.launch.host import deepspeed_executable
 from launcher.launch.rundir import write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
-from launcher.prepare import prepare
+from launcher.prepare import prepare, prepare_data
 from launcher.render.sbatch import sbatch_name, slurm_files
 
 EXIT_USER_ERROR = 2
@@ -31,6 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         alloc = allocation_from_env(os.environ)
         run = prepare(job_overrides(argv, alloc), local_gpus=alloc.gpus_per_node)
         notes = run.notes + check_allocation(run.cfg, run.topo, alloc)
+        if not run.cfg.dry_run:  # a CPU job may tokenize; a GPU job needs the cache prepared before sbatch
+            notes += prepare_data(run.cfg, run.topo, run.run_dir, may_tokenize=run.topo.accelerator == "cpu")
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node
         )

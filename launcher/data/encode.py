@@ -132,6 +132,9 @@ def _encode_chat(st: WorkerState, kept: List[Tuple[str, Any]], bad: List[str]) -
         ids_parts.append(np.asarray(ids, dtype=np.uint32))
         mask_parts.append(np.asarray(mask, dtype=np.uint8))
         lengths.append(len(ids))
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-    return Encoded(cat(ids_parts, np.uint32), np.asarray(lengths, dtype=np.int64), cat(mask_parts, np.uint8),
+    return Encoded(_cat(ids_parts, np.uint32), np.asarray(lengths, dtype=np.int64), _cat(mask_parts, np.uint8),
                    truncated=truncated, dropped=dropped)
+
+
+def _cat(parts: List[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
