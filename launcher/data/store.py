@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,12 +39,12 @@ class ShardWriter:
     Writes into `tmp` (a directory of its own); finish() writes meta.json last, so a directory with meta.json
     is complete. Publishing (renaming tmp into place) is the caller's (launcher.data.cache)."""
 
-    def __init__(self, tmp: str, seq_len: int, vocab_limit: int, shard_tokens: int = SHARD_TOKENS) -> None:
+    def __init__(self, tmp: str, seq_len: int, vocab_limit: int, shard_tokens: Optional[int] = None) -> None:
         self.tmp = tmp
         self.seq_len = seq_len
         self.vocab_limit = vocab_limit
         self.ids_dtype, self.pos_dtype = id_dtype(vocab_limit), id_dtype(seq_len)
-        self.shard_rows = max(1, shard_tokens // seq_len)
+        self.shard_rows = max(1, (shard_tokens or SHARD_TOKENS) // seq_len)
         self.entries: List[Dict[str, Any]] = []
         self.rows = 0
         self.targets = 0
