@@ -211,3 +211,40 @@ def test_prepare_data_on_the_launch_side(tmp_path):
         cache.check_shared("/dev/shm/x", nodes=2)
     cache.check_shared("/dev/shm/x", nodes=1)
     cache.check_shared(str(tmp_path), nodes=2)  # the test machine's disk: shared with its "nodes"
+
+
+def test_two_cpu_ranks_train_from_shards_and_resume_mid_epoch(tmp_path):
+    """The must-show on real ranks: a rank refuses an unprepared cache; `python -m launcher` prepares a
+    2-shard cache shared by three runs; stopping at step 3 and resuming to 6 trains on the same batches as an
+    uninterrupted run (bitwise-equal losses, fp32, constant LR), mid-epoch (an epoch is ~5,000 steps here)."""
+    import subprocess
+
+    from tests.conftest import run_cli
+
+    data = write_texts(tmp_path / "d.jsonl", 36_000)  # ~5 MB of bytes: 2 shards of 4M tokens
+    common = [f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "train.schedule=constant",
+              "train.warmup_steps=0", "train.grad_clip=0", "train.log_every=1", "train.save_every=1000"]
+
+    refused = tmp_path / "refused"
+    assert run_cli([f"hydra.run.dir={refused}", *common, "dry_run=true"]).returncode == 0
+    assert not (tmp_path / "cache").exists()  # a dry run never prepares
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    res = subprocess.run(["bash", str(refused / "launch.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode != 0 and "is missing or incomplete on" in res.stdout + res.stderr, res.stderr[-2000:]
+
+    def train(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
+        res = run_cli([f"hydra.run.dir={run_dir}", *common, f"train.max_steps={steps}"])
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
+
+    first = train(tmp_path / "full", 6)
+    assert "data: prepared" in first.stderr
+    meta = json.loads(next((tmp_path / "cache").glob("packed-*/meta.json")).read_text())
+    assert len(meta["shards"]) == 2 and meta["rows"] > 6 * 8 * 100
+    assert "data: reusing" in train(tmp_path / "split", 3).stderr
+    assert "resuming at step 3" in train(tmp_path / "split", 6).stdout
+
+    def losses(run_dir: Path) -> list:
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "full")) == 6 and losses(tmp_path / "split") == losses(tmp_path / "full")
