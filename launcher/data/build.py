@@ -203,6 +203,8 @@ def _build(cfg: Any, tokenizer: Any, tmp: str, num_proc: Optional[int], progress
             stats["record_tokens"] += len(enc.ids)
             packer.add(enc.ids, enc.lengths, enc.mask)
             bar.update(enc)
+            if bad.bad and not cfg.data.max_bad_fraction:
+                break  # any bad record refuses the data: say so now, not after the whole corpus
         packer.finish()
     except ValueError as exc:  # ShardWriter: a token id beyond the model's vocabulary
         raise DataError(f"model.vocab_size: {exc}; tokenizer/model mismatch") from None
