@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from launcher.models.tokenizer import load_tokenizer
 from launcher.worker import act_ckpt, ckpt, metrics, signals
-from launcher.worker.data import Rows, SampleOrder, cache_path, global_targets, is_complete, micro_batches
+from launcher.worker.data import DataError, Rows, SampleOrder, cache_path, global_targets, is_complete, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, write_status
 
@@ -35,9 +35,13 @@ def prepare_data(ctx: Context) -> Rows:
     node (not on a shared filesystem) or never prepared stops every rank with the reason before any step."""
     import socket
 
-    path = cache_path(ctx.cfg, ctx.run_dir)
+    try:
+        path = cache_path(ctx.cfg, ctx.run_dir)  # the key fingerprints data.path: this node must see it too
+        ok = is_complete(path)
+    except DataError as exc:
+        path, ok = f"({exc})", False
     seen = [None] * ctx.world
-    dist.all_gather_object(seen, (socket.gethostname(), is_complete(path)))
+    dist.all_gather_object(seen, (socket.gethostname(), ok))
     missing = sorted({host for host, ok in seen if not ok})
     if missing:
         raise StopRun(
