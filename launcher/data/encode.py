@@ -85,12 +85,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
 
 
 def _encode_text(st: WorkerState, texts: List[str]) -> Encoded:
-    if st.byte_identity:
-        lists: Any = encode_texts(st.tokenizer, texts, byte_identity=True)
-    else:
-        backend = st.tokenizer.backend_tokenizer
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
-        lists = [e.ids for e in encode(texts, add_special_tokens=False)]
+    lists = encode_texts(st.tokenizer, texts, byte_identity=st.byte_identity)
     body = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
     head, tail = int(st.bos is not None), int(st.eos is not None)
     lengths = body + head + tail
