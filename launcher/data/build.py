@@ -160,8 +160,10 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            total = sum(s for _, s, _ in records.fingerprint(cfg.data.path)) if cfg.data.path else None
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="data", file=sys.stderr, mininterval=1.0)
+            self.by_bytes = cfg.data.path is not None  # files: a bar over their bytes; built-in: records
+            total = sum(s for _, s, _ in records.fingerprint(cfg.data.path)) if self.by_bytes else None
+            self.bar = tqdm(total=total, unit="B" if self.by_bytes else " records", unit_scale=True, desc="data",
+                            file=sys.stderr, mininterval=1.0)
 
     def update(self, enc: Encoded) -> None:
         self.records += enc.records
@@ -170,7 +172,7 @@ class Progress:
             dt = max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{self.records / dt:,.0f} records/s, {self.tokens / dt:,.0f} tokens/s",
                                      refresh=False)
-            self.bar.update(enc.raw_chars)
+            self.bar.update(enc.raw_chars if self.by_bytes else enc.records)
 
     def close(self) -> float:
         if self.bar is not None:
