@@ -16,7 +16,7 @@ from launcher.config.flags import parse_flags
 from launcher.errors import ConfigError
 from launcher.launch import lock
 from launcher.launch.rundir import write_files
-from launcher.prepare import prepare
+from launcher.prepare import prepare, prepare_data
 
 EXIT_USER_ERROR = 2
 SUBCOMMANDS = ("train", "plan", "export", "data", "sweep")
@@ -107,6 +107,9 @@ def run(overrides: List[str]) -> int:
             print(f"run dir: {run.run_dir}\nalready at step {done} >= train.max_steps={run.cfg.train.max_steps}; "
                   "nothing to do (raise train.max_steps to train further)")
             return 0
+    if not run.cfg.dry_run:  # tokenize and pack here, before a local launch or sbatch, unless cached
+        for note in prepare_data(run.cfg, run.topo, run.run_dir):
+            print(note, file=sys.stderr)
     # One live run per run dir (prepare already refused a live one, naming it): taken before anything in it is
     # rewritten, held by the runner's session once it starts; a dry run or a SLURM submission only checks it.
     holder = lock.local_holder(os.getpid())

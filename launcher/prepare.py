@@ -87,7 +87,6 @@ def prepare(overrides: Sequence[str], local_gpus: Optional[int] = None, check_re
         check_monitor_packages(cfg)
         check_model_weights(cfg)
         check_model_to_train(cfg)
-        notes += _check_records(cfg)
     notes += _preflight(cfg, topo, gpu_mem)
     if auto_note:
         notes.append(f"auto: {' '.join(auto_note['chosen'])} ({auto_note['reason']})")
@@ -162,20 +161,27 @@ def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str], gpu
     return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
 
 
-def _check_records(cfg: DictConfig) -> List[str]:
-    """Every record parses and has its fields, before any rank starts (data.max_bad_fraction)."""
-    if cfg.data.path is None:
-        return []
-    from launcher.data.build import read_examples
+def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: bool = True) -> List[str]:
+    """The packed data cache before any rank starts (never for dry runs): reused when complete, else tokenized
+    here when `may_tokenize` (the submitting host, a CPU job) and refused otherwise (a GPU job does not sit on
+    its GPUs while it tokenizes). Returns notes; data errors are ConfigErrors (bad records, vocab mismatch)."""
+    from launcher.data import cache_complete, cache_path, prepare_cache
+    from launcher.data.cache import cache_root, check_shared
     from launcher.data.records import DataError
 
     try:
-        examples, counts = read_examples(cfg)
+        check_shared(cache_root(cfg, run_dir), topo.nodes)
+        if cache_complete(cfg, run_dir):
+            return [f"data: reusing {cache_path(cfg, run_dir)}"]
+        if not may_tokenize:
+            raise DataError(
+                f"data.cache_dir: the packed data {cache_path(cfg, run_dir)} is not prepared and a GPU job does not "
+                "tokenize; submit with `python -m launcher` (it prepares before sbatch) or run "
+                "`python -m launcher.data <same overrides>` on a host that sees data.cache_dir first")
+        return [f"data: prepared {prepare_cache(cfg, run_dir)}"]
     except DataError as exc:
         key, _, message = str(exc).partition(": ")
         raise ConfigError(key, message) from None
-    skipped = f", {counts.bad} bad skipped (data.max_bad_fraction)" if counts.bad else ""
-    return [f"data: {len(examples)} {cfg.data.format} records{skipped}"]
 
 
 def _preflight(cfg: DictConfig, topo: Topology, gpu_mem: Optional[int] = None) -> List[str]:

@@ -21,7 +21,7 @@ from launcher.launch.host import deepspeed_executable
 from launcher.launch.resume import convert_checkpoint
 from launcher.launch.rundir import write_files
 from launcher.launch.slurm import allocation_from_env, check_allocation, job_overrides
-from launcher.prepare import prepare
+from launcher.prepare import prepare, prepare_data
 from launcher.render.sbatch import sbatch_name, slurm_files
 
 EXIT_USER_ERROR = 2
@@ -37,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lock.acquire(run.run_dir, lock.slurm_holder(alloc.job_id))
         if run.world_change is not None and not run.cfg.dry_run:  # resubmitted on another --nodes
             notes += convert_checkpoint(run.world_change)
+        if not run.cfg.dry_run:  # a CPU job may tokenize; a GPU job needs the cache prepared before sbatch
+            notes += prepare_data(run.cfg, run.topo, run.run_dir, may_tokenize=run.topo.accelerator == "cpu")
         _, files = slurm_files(
             run.cfg, run.topo, run.run_dir, run.files, deepspeed_executable(), cpus_per_node=alloc.cpus_per_node,
             user_env=os.environ,

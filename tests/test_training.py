@@ -130,6 +130,8 @@ def launch_fp16(run_dir: Path, *overrides: str, expect: int = 0) -> subprocess.C
     """Render with the real CLI (dry run), then start the real runner on the fp16-enabling worker wrapper."""
     res = run_cli([f"hydra.run.dir={run_dir}", "precision=fp16", *overrides, "dry_run=true"])
     assert res.returncode == 0, res.stderr
+    res = run_cli([f"hydra.run.dir={run_dir}", "precision=fp16", *overrides], module="launcher.data")  # the data
+    assert res.returncode == 0, res.stderr
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     deepspeed = Path(sys.executable).parent / "deepspeed"
     res = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", "29617",

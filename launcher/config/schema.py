@@ -155,8 +155,10 @@ class DataConfig:
     max_bad_fraction: float = 0.0
     # Documents in the built-in corpus.
     builtin_documents: int = 20_000
-    # Tokenized datasets are cached here; null: <run_dir>/cache.
+    # Packed rows are cached here (shareable by runs; on a shared filesystem for multi-node); null: <run_dir>/cache.
     cache_dir: Optional[str] = None
+    # Processes tokenizing while the launcher prepares the data; null: every core of the submitting host.
+    num_proc: Optional[int] = None
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""`python -m launcher.data <launcher overrides> [row=N]`: build (or reuse) the packed rows a run with these
-overrides trains on, in the same cache the run uses, and print row N (default 0) with its labels."""
+"""`python -m launcher.data <launcher overrides> [row=N]`: prepare (or reuse) the packed rows a run with these
+overrides trains on, in the same cache the run uses (progress bar and summary on stderr), and print row N
+(default 0) with its labels. `python -m launcher` runs the same preparation before it starts ranks."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import List
 
@@ -12,6 +12,7 @@ def main(argv: List[str]) -> int:
     from launcher.config.compose import compose
     from launcher.config.resolve import absolutize_paths, adopt_hf_architecture
     from launcher.data.build import build_packed
+    from launcher.data.cache import cache_root
     from launcher.data.records import DataError
     from launcher.data.show import describe_row
     from launcher.data.store import Rows
@@ -31,8 +32,7 @@ def main(argv: List[str]) -> int:
         from launcher.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.path)
-        cache_dir = cfg.data.cache_dir or os.path.join(os.path.abspath(run_dir), "cache")
-        rows = Rows(build_packed(cfg, tokenizer, cache_dir))
+        rows = Rows(build_packed(cfg, tokenizer, cache_root(cfg, run_dir), progress=True))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

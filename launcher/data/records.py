@@ -8,6 +8,7 @@ the data when more than data.max_bad_fraction of the records are bad (default 0:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -67,44 +68,83 @@ def data_files(path: str) -> List[str]:
     return [str(f) for f in files]
 
 
-def fingerprint(path: str) -> List[Tuple[str, int, float]]:
-    """What identifies the source in a cache key: each file's path, size and mtime."""
-    return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in data_files(path)]
+SMALL_FILE = 1 << 20  # files under 1 MiB are keyed by content (a same-second edit still changes the key)
 
 
-def iter_records(path: str) -> Iterator[Tuple[str, Any]]:
-    """(where, record) for every record; record is a RecordError when it cannot be parsed."""
+def fingerprint(path: str) -> List[Tuple[str, int, str]]:
+    """What identifies the source in a cache key: each file's path, size, and mtime (or content hash if small)."""
+    out = []
+    for f in data_files(path):
+        size = os.path.getsize(f)
+        if size < SMALL_FILE:
+            with open(f, "rb") as fh:
+                stamp = "sha256:" + hashlib.sha256(fh.read()).hexdigest()[:16]
+        else:
+            stamp = f"mtime:{os.path.getmtime(f)!r}"
+        out.append((f, size, stamp))
+    return out
+
+
+def iter_raw(path: str) -> Iterator[Tuple[str, Any]]:
+    """(where, raw) for every record, streamed: raw is an unparsed JSON line (str), an already parsed record,
+    or a RecordError. JSON lines and .txt are read line by line (bounded memory); a .json array and parquet
+    row groups are parsed whole (use .jsonl for large data)."""
     for f in data_files(path):
         name = os.path.basename(f)
         if f.endswith(".parquet"):
             yield from _parquet(f, name)
             continue
-        with open(f, encoding="utf-8", errors="strict") as fh:
-            try:
-                text = fh.read()
-            except UnicodeDecodeError as exc:
-                yield f"{name}", RecordError(f"not UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-        if f.endswith(".txt"):
-            for i, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    yield f"{name}:{i}", {"text": line}
-        elif f.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError as exc:
-                yield f"{name}", RecordError(f"invalid JSON ({exc})")
-                continue
+        if f.endswith(".json") and _starts_with_bracket(f):
+            with open(f, "rb") as fh:
+                try:
+                    items = json.loads(fh.read().decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield name, RecordError(f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                    continue
+                except ValueError as exc:
+                    yield name, RecordError(f"invalid JSON ({exc})")
+                    continue
             for i, item in enumerate(items, 1):
                 yield f"{name}[{i}]", item
-        else:
-            for i, line in enumerate(text.splitlines(), 1):
+            continue
+        text = f.endswith(".txt")
+        with open(f, "rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield f"{name}:{i}", RecordError(f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                    continue
                 if not line.strip():
                     continue
-                try:
-                    yield f"{name}:{i}", json.loads(line)
-                except ValueError as exc:
-                    yield f"{name}:{i}", RecordError(f"invalid JSON ({exc.msg})")
+                yield f"{name}:{i}", ({"text": line.rstrip("\r\n")} if text else line)
+
+
+def parse(raw: Any) -> Any:
+    """A record from iter_raw's raw form; raises RecordError."""
+    if isinstance(raw, RecordError):
+        raise raw
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise RecordError(f"invalid JSON ({exc.msg})") from None
+    return raw
+
+
+def iter_records(path: str) -> Iterator[Tuple[str, Any]]:
+    """(where, record) for every record; record is a RecordError when it cannot be parsed."""
+    for where, raw in iter_raw(path):
+        try:
+            yield where, parse(raw)
+        except RecordError as exc:
+            yield where, exc
+
+
+def _starts_with_bracket(f: str) -> bool:
+    with open(f, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
 
 
 def _parquet(f: str, name: str) -> Iterator[Tuple[str, Any]]:

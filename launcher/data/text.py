@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -31,15 +31,18 @@ def builtin_documents(n_docs: int, seed: int = 0) -> List[str]:
     return docs
 
 
-def encode(tokenizer, texts: List[str]) -> Sequence[Sequence[int]]:
+def encode(tokenizer, texts: List[str], byte_identity: Optional[bool] = None) -> Sequence[Sequence[int]]:
     """Each text's token ids, no special tokens added: `tokenizer(texts, add_special_tokens=False)`.
 
     A byte-identity tokenizer (the built-in byte tokenizer: id = UTF-8 byte) is applied as `text.encode()`,
     ~50x faster than through `tokenizers` (the 2.6M-character built-in corpus: 0.03 s instead of 1.4-1.6 s, the
     bulk of a fresh run's data preparation). Texts containing a special token's text still go through the
-    tokenizer, and a sample is checked against it, so the ids are the same either way.
+    tokenizer, and a sample is checked against it, so the ids are the same either way. `byte_identity`:
+    is_byte_identity(tokenizer) when the caller already knows it (it serialises the tokenizer).
     """
-    if not texts or not _is_byte_identity(tokenizer):
+    if byte_identity is None:
+        byte_identity = is_byte_identity(tokenizer)
+    if not texts or not byte_identity:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     specials = [t for t in tokenizer.get_added_vocab() if t]
     ids: List[Sequence[int]] = []
@@ -54,7 +57,7 @@ def encode(tokenizer, texts: List[str]) -> Sequence[Sequence[int]]:
     return ids
 
 
-def _is_byte_identity(tokenizer) -> bool:
+def is_byte_identity(tokenizer) -> bool:
     """A byte-level BPE with no merges whose vocabulary maps GPT-2's byte alphabet to the byte values, with
     nothing normalised or prefixed (launcher.models.tokenizer.byte_tokenizer): its ids are the UTF-8 bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

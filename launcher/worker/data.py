@@ -1,8 +1,9 @@
-"""What each rank reads: packed rows (built by launcher.data, cached), in a deterministic global order.
+"""What each rank reads: packed rows (prepared by launcher.data before the ranks start, memory-mapped shards), in
+a deterministic global order.
 
 Sample k of the run (k = step x global_batch + offset) is packed row perm_e[k mod N] with e = k div N and
 perm_e a seeded permutation: the same global batch for any world size or micro batch, and the position to
-resume from is just the step.
+resume from is just the step. Rows are numbered across shards (store.Rows), so sharding changes nothing here.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from typing import Dict, Iterator
 
 import numpy as np
 
-from launcher.data.build import build_packed
+from launcher.data.build import build_packed, cache_path
+from launcher.data.cache import is_complete
 from launcher.data.records import DataError
 from launcher.data.store import Rows
 
-__all__ = ["DataError", "Rows", "SampleOrder", "build_packed", "global_targets", "micro_batches"]
+# build_packed is here for tests and references that build rows in-process; the ranks only read (is_complete).
+__all__ = ["DataError", "Rows", "SampleOrder", "build_packed", "cache_path", "global_targets", "is_complete",
+           "micro_batches"]
 
 
 class SampleOrder:

@@ -13,7 +13,7 @@ import torch
 from launcher.models.tokenizer import load_tokenizer
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
 from launcher.worker import act_ckpt, ckpt, comm, console, memory_plan, metrics, signals
-from launcher.worker.data import DataError, Rows, SampleOrder, build_packed, global_targets, micro_batches
+from launcher.worker.data import DataError, Rows, SampleOrder, cache_path, global_targets, is_complete, micro_batches
 from launcher.worker.model import build_model, count_parameters
 from launcher.worker.status import EXIT_LOSS_SCALE_COLLAPSE, EXIT_USER_ERROR, StopRun, progress, write_status
 
@@ -28,19 +28,27 @@ class Context:
     world: int
 
 
-def prepare_data(ctx: Context, tokenizer: Any) -> Rows:
-    """Rank 0 tokenizes and packs (cached); every rank learns of an error before any training step."""
-    cache_dir = ctx.cfg.data.cache_dir or str(ctx.run_dir / "cache")
-    result = (None, None)
-    if ctx.rank == 0:
-        try:
-            result = (None, build_packed(ctx.cfg, tokenizer, cache_dir))
-        except DataError as exc:
-            result = (str(exc), None)
-    result = comm.broadcast_object(result, src=0)
-    if result[0] is not None:
-        raise StopRun(result[0], EXIT_USER_ERROR)
-    rows = Rows(result[1])
+def prepare_data(ctx: Context) -> Rows:
+    """Memory-map the packed rows the launcher prepared before it started the ranks. A rank never tokenizes:
+    every rank checks it sees the finished cache (one small all_gather, no waiting), so a cache missing on a
+    node (not on a shared filesystem) or never prepared stops every rank with the reason before any step."""
+    import socket
+
+    try:
+        path = cache_path(ctx.cfg, ctx.run_dir)  # the key fingerprints data.path: this node must see it too
+        ok = is_complete(path)
+    except DataError as exc:
+        path, ok = f"({exc})", False
+    seen = comm.gather_objects((socket.gethostname(), ok))
+    missing = sorted({host for host, ok in seen if not ok})
+    if missing:
+        raise StopRun(
+            f"data: the packed data {path} is missing or incomplete on {', '.join(missing)}; ranks only read a "
+            "finished cache: launch with `python -m launcher` (it prepares the data first) or run "
+            "`python -m launcher.data <same overrides>`, on a filesystem every node sees (data.cache_dir)",
+            EXIT_USER_ERROR,
+        )
+    rows = Rows(path)
     if ctx.rank == 0:
         console.say(f"[launcher] data: {_data_summary(rows)}")
     if len(rows) < ctx.ds["train_batch_size"]:
@@ -77,7 +85,7 @@ def train(ctx: Context) -> int:
         write_status(ctx.run_dir, "running", -1)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path)
-    rows = prepare_data(ctx, tokenizer)
+    rows = prepare_data(ctx)
     if rank == 0 and not (ctx.run_dir / "tokenizer").is_dir():
         tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
 
