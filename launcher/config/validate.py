@@ -8,6 +8,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
+from launcher.config.adapter import check_adapter
 from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 
@@ -54,6 +55,7 @@ def validate(cfg: DictConfig, topo: Topology) -> List[str]:
     _check_combinations(cfg)
     _check_model_shape(cfg)
     _check_paths(cfg)
+    check_adapter(cfg)
     return _recommendations(cfg)
 
 
@@ -87,6 +89,9 @@ def check_model_to_train(cfg: DictConfig) -> None:
         raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
     if cfg.model.path is not None:
         return
+    if cfg.adapter.name != "none":
+        raise ConfigError("model.path", f"adapter={cfg.adapter.name} adapts pretrained weights: set "
+                                        "model.path=<local Hugging Face model dir>")
     if cfg.model.model_type != "llama":
         raise ConfigError(
             "model.path",

@@ -6,6 +6,7 @@ has finished writing: a crash mid-save leaves the previous checkpoint as the one
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+INFO = "launcher.json"
 
 
 def tag_for(step: int) -> str:
@@ -53,13 +55,18 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int,
+         frozen: bool = False) -> str:
+    """frozen: a frozen base (LoRA): only the trainable parameters and their optimizer state are written."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=frozen)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
+        # frozen_params: the checkpoint lacks the frozen base (reloaded from model.path on resume).
+        (ckpt_dir / tag / INFO).write_text(json.dumps({"step": step, "frozen_params": frozen}) + "\n")
         (ckpt_dir / tag / "DONE").write_text(f"{step}\n")
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
@@ -70,12 +77,13 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
     return tag
 
 
-def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
-    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start)."""
+def load(engine: Any, ckpt_dir: Path, frozen: bool = False) -> Optional[Dict[str, Any]]:
+    """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start).
+    frozen: the checkpoint holds only the trainable parameters; the frozen ones keep their loaded values."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
     rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"

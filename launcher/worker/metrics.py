@@ -21,9 +21,18 @@ def peak_memory_bytes() -> int:
     return 0
 
 
-def flops_per_token(n_params: int, n_embedding: int, layers: int, hidden: int, seq_len: int) -> float:
-    """6 x (N - embedding) + 12 x L x H x T (PaLM appendix B; attention over T tokens, H = heads x head dim)."""
-    return 6.0 * (n_params - n_embedding) + 12.0 * layers * hidden * seq_len
+def flops_per_token(n_params: int, n_embedding: int, layers: int, hidden: int, seq_len: int,
+                    n_trainable: Optional[int] = None) -> float:
+    """Model FLOPs per trained token: the matmul work actually done plus attention (PaLM appendix B).
+
+    Full training: 6 x (N - embedding) + 12 x L x H x T (H = heads x head dim, T = sequence length).
+    With a frozen base (LoRA, n_trainable given): forward 2 x N' + backward activation gradients 2 x N' +
+    weight gradients only for the trainable parameters 2 x N_trainable, N' = N - embedding (N counts the
+    adapters); the attention term is unchanged (its backward has no weights).
+    """
+    matmul = n_params - n_embedding
+    weight_grads = matmul if n_trainable is None else n_trainable
+    return 4.0 * matmul + 2.0 * weight_grads + 12.0 * layers * hidden * seq_len
 
 
 def mfu(tokens_per_sec: float, flops_tok: float, world: int, peak_tflops: Optional[float]) -> Optional[float]:

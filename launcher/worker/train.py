@@ -62,6 +62,12 @@ def _data_summary(rows: Rows) -> str:
     return ", ".join(parts)
 
 
+def adapter_name(cfg: Any) -> str:
+    """Run dirs written before the adapter group existed have no `adapter` key: full fine-tuning."""
+    adapter = cfg.get("adapter")
+    return "none" if adapter is None else str(adapter.name)
+
+
 def current_loss_scale(engine: Any) -> Optional[float]:
     opt = engine.optimizer
     scale = getattr(opt, "cur_scale", None)
@@ -90,9 +96,17 @@ def train(ctx: Context) -> int:
                           "use precision=bf16 or precision=fp32", EXIT_USER_ERROR)
     model, keep_alive = build_model(cfg, ctx.ds, rank)
     recomputed = act_ckpt.enable(model, cfg, str(ctx.ds_path)) if cfg.activation_checkpointing.enabled else 0
+    frozen = adapter_name(cfg) != "none"
+    if frozen:
+        from launcher.worker.adapters import lora
+
+        model = lora.apply(model, cfg, checkpointing=recomputed > 0)
     model.train()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=str(ctx.ds_path))
+    # Only what trains goes to the optimizer: no state and no empty parameter groups for the frozen base.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=str(ctx.ds_path))
     n_params, n_emb = count_parameters(engine.module)
+    n_train = count_parameters(engine.module, trainable_only=True)[0]
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
         # DeepSpeed would raise a bare Exception (traceback on every rank) on the first overflow at the
@@ -100,7 +114,7 @@ def train(ctx: Context) -> int:
         scaler.raise_error_at_min_scale = False
 
     ckpt_dir = ctx.run_dir / "checkpoints"
-    client = ckpt.load(engine, ckpt_dir)
+    client = ckpt.load(engine, ckpt_dir, frozen=frozen)
     start = int(client["step"]) if client else 0
     max_steps = int(cfg.train.max_steps)
     log = metrics.MetricsLog(ctx.run_dir, start) if rank == 0 else None
@@ -111,12 +125,13 @@ def train(ctx: Context) -> int:
     )
     seq = int(cfg.train.seq_len)
     order = SampleOrder(len(rows), cfg.seed)
-    flops_tok = metrics.flops_per_token(n_params, n_emb, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq)
+    flops_tok = metrics.flops_per_token(n_params, n_emb, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq,
+                                        n_trainable=n_train if frozen else None)
     peak = cfg.hardware.peak_tflops if engine.device.type == "cuda" else None
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
         ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
-        print(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x {world} "
+        print(f"[launcher] {what}: {n_params:,} params ({n_train:,} trainable), {world} ranks, {micro} micro x {accum} accum x {world} "
               f"= {glob} sequences x {seq} tokens per step{ac}", flush=True)
     if start >= max_steps:
         if rank == 0:
@@ -169,6 +184,8 @@ def train(ctx: Context) -> int:
                 "step_time_s": round(elapsed / window_steps, 4),
                 "mfu": metrics.mfu(tps, flops_tok, world, peak),
                 "mem_peak_gb": round(float(mem.item()) / 1e9, 4),
+                "params": n_params,
+                "trainable_params": n_train,
             }
             if fp16:
                 record["loss_scale"] = scale
@@ -194,7 +211,8 @@ def train(ctx: Context) -> int:
         stop_signal.fill_(1 if signals.received() else 0)
         dist.all_reduce(stop_signal, op=dist.ReduceOp.MAX)
         if step % cfg.train.save_every == 0 or step == max_steps or stop_signal.item():
-            ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last)
+            ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last,
+                      frozen=frozen)
             saved_step = step
         if stop_signal.item():
             if rank == 0:
