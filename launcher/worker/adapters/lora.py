@@ -15,9 +15,9 @@ from typing import Any, List, Set
 
 import torch
 
+from launcher.models.lora import ALL_LINEAR, lora_config
 from launcher.worker.status import EXIT_USER_ERROR, StopRun
 
-ALL_LINEAR = "all-linear"
 
 
 def linear_names(model: torch.nn.Module) -> List[str]:
@@ -37,18 +37,6 @@ def check_targets(model: torch.nn.Module, targets: List[str]) -> None:
     if missing:
         raise StopRun(f"adapter.target_modules: {', '.join(missing)} matches no module of {type(model).__name__}; "
                       f"its linear layers are {', '.join(linear_names(model))} (or [{ALL_LINEAR}])", EXIT_USER_ERROR)
-
-
-def lora_config(cfg: Any) -> Any:
-    from peft import LoraConfig
-
-    a = cfg.adapter
-    targets = list(a.target_modules)
-    return LoraConfig(
-        r=int(a.r), lora_alpha=int(a.alpha), lora_dropout=float(a.dropout), bias=str(a.bias),
-        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
-        modules_to_save=list(a.modules_to_save) or None, task_type="CAUSAL_LM",
-    )
 
 
 def apply(model: Any, cfg: Any, checkpointing: bool) -> Any:
