@@ -131,8 +131,8 @@ def train(ctx: Context) -> int:
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
         ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
-        print(f"[launcher] {what}: {n_params:,} params ({n_train:,} trainable), {world} ranks, {micro} micro x {accum} accum x {world} "
-              f"= {glob} sequences x {seq} tokens per step{ac}", flush=True)
+        print(f"[launcher] {what}: {n_params:,} params ({n_train:,} trainable), {world} ranks, {micro} micro x "
+              f"{accum} accum x {world} = {glob} sequences x {seq} tokens per step{ac}", flush=True)
     if start >= max_steps:
         if rank == 0:
             print(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do", flush=True)

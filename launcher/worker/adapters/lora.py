@@ -19,7 +19,6 @@ from launcher.models.lora import ALL_LINEAR, lora_config
 from launcher.worker.status import EXIT_USER_ERROR, StopRun
 
 
-
 def linear_names(model: torch.nn.Module) -> List[str]:
     """The distinct last-name components of the model's nn.Linear modules (q_proj, ..., lm_head)."""
     seen: Set[str] = set()
