@@ -46,12 +46,18 @@ def apply(model: Any, cfg: Any, checkpointing: bool) -> Any:
     if checkpointing:
         # DeepSpeed's checkpoint is reentrant (an autograd.Function): if no input of a checkpointed layer
         # requires grad (frozen embeddings), its output does not either and the adapters inside get no
-        # gradient at all. Making the embedding output require grad feeds every layer.
-        model.enable_input_require_grads()
+        # gradient at all. So the embedding output must require grad. transformers' enable_input_require_grads
+        # makes it a leaf; partition_activations then rewrites that leaf's .data to a flat buffer and the
+        # backward fails on its shape. A clone of a detached copy is a non-leaf with its own shape record.
+        model.get_input_embeddings().register_forward_hook(_embeddings_require_grad)
     torch.manual_seed(int(cfg.seed))
     # autocast_adapter_dtype=False: adapters in the base dtype (DeepSpeed keeps their fp32 master copy);
     # fp32 adapters in a bf16 ZeRO-3 model break its all-gathers (DeepSpeed #8072).
     return get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
+
+
+def _embeddings_require_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.detach().requires_grad_(True).clone()
 
 
 def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
