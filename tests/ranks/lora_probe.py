@@ -3,7 +3,7 @@ adapters.lora.apply -> deepspeed.initialize over the trainable parameters) under
 activation checkpointing (DeepSpeed's reentrant checkpoint). Two steps on a fixed batch; at the second
 backward (lora_B is no longer zero, so lora_A gets gradient too) records, per decoder layer, the smallest
 adapter-gradient norm; checks the frozen base is bitwise unchanged after the steps (in the dtype the engine
-holds it: gathered under ZeRO-3). Then the pitfall: the same with the embedding-output hook left out.
+holds it: gathered under ZeRO-3). Then the pitfall: checkpointing wired with no input-grad hook at all.
 Rank 0 writes JSON. Usage: deepspeed --num_gpus 2 tests/ranks/lora_probe.py <out.json> <scratch> <model dir>"""
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ def probe(stage: int, scratch: Path, model_dir: str, rank: int, input_grads: boo
     ds_path.write_text(run.files["ds_config.json"])
     ds = json.loads(run.files["ds_config.json"])
     model, keep = build_model(run.cfg, ds, rank)
-    layers = act_ckpt.enable(model, run.cfg, str(ds_path))
-    model = lora.apply(model, run.cfg, checkpointing=input_grads)
+    if input_grads:  # the worker's order
+        layers = act_ckpt.enable(model, run.cfg, str(ds_path))
+        model = lora.apply(model, run.cfg, checkpointing=True)
+    else:  # checkpointing wired after PEFT (which then adds no input-grad hook of its own), no hook of ours
+        model = lora.apply(model, run.cfg, checkpointing=False)
+        layers = act_ckpt.enable(model, run.cfg, str(ds_path))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)

@@ -49,6 +49,8 @@ def apply(model: Any, cfg: Any, checkpointing: bool) -> Any:
         # gradient at all. So the embedding output must require grad. transformers' enable_input_require_grads
         # makes it a leaf; partition_activations then rewrites that leaf's .data to a flat buffer and the
         # backward fails on its shape. A clone of a detached copy is a non-leaf with its own shape record.
+        # (get_peft_model also registers transformers' hook when checkpointing is on; ours runs first, so
+        # that one then finds a tensor that already requires grad and does nothing.)
         model.get_input_embeddings().register_forward_hook(_embeddings_require_grad)
     torch.manual_seed(int(cfg.seed))
     # autocast_adapter_dtype=False: adapters in the base dtype (DeepSpeed keeps their fp32 master copy);
