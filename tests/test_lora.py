@@ -63,9 +63,10 @@ def test_adapter_gradients_reach_every_checkpointed_layer(tmp_path):
         norms = r["min_adapter_grad_norm_per_layer"]
         assert sorted(norms) == ["0", "1"] and min(norms.values()) > 1e-6, (stage, norms)
         assert r["frozen_changed"] == [] and r["frozen_dtype"] == "torch.float32", (stage, r)
-    # Without making the embedding output require grad, reentrant recompute gives the adapters nothing.
+    # Without making the embedding output require grad, reentrant recompute gives the adapters nothing: here
+    # (frozen lm_head too) the loss itself has no gradient and DeepSpeed's backward refuses it.
     pitfall = results["without_input_grads"]
-    assert isinstance(pitfall, str) or max(pitfall.values()) == 0.0, pitfall
+    assert (isinstance(pitfall, str) and "loss must be a scalar tensor" in pitfall) or max(pitfall.values()) == 0.0
 
 
 def launch(run_dir: Path, *overrides: str) -> str:
