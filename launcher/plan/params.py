@@ -119,7 +119,7 @@ def count_params(shape: ModelShape) -> ParamCounts:
     )
 
 
-def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> float:
+def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int, trainable: int | None = None) -> float:
     """Model FLOPs per trained token: 6 x (N - embedding) + 12 x L x H x Q x T.
 
     PaLM (Chowdhery et al. 2022) appendix B, torchtitan's convention: 6 FLOPs per parameter per token
@@ -127,7 +127,11 @@ def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> flo
     matmul; with tied embeddings the same matrix is the lm_head matmul, so nothing is subtracted), plus
     the attention score/value matmuls 12 x layers x heads x head_dim x seq_len. Recompute is not included
     (MFU counts model FLOPs, not hardware FLOPs).
+    With a frozen base (LoRA, `trainable` = adapter parameters): forward 2 N + activation gradients 2 N +
+    weight gradients 2 x trainable only, i.e. 4 x N + 2 x trainable (+ the adapters' own matmuls: 6 each).
     """
     matmul_params = counts.total - (0 if shape.tied else counts.embedding)
     attention = 12 * shape.layers * shape.heads * shape.head_dim * seq_len
+    if trainable is not None:
+        return float(4 * matmul_params + 6 * trainable + attention)
     return float(6 * matmul_params + attention)
