@@ -3,6 +3,7 @@ violation; recommendations come back as warning lines. Pure: the caller passes i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import List
 
@@ -87,6 +88,9 @@ def check_model_to_train(cfg: DictConfig) -> None:
     """A real launch trains weights from model.path, or a Llama built from the config (the byte tokenizer)."""
     if cfg.data.format != "text" and cfg.data.path is None:
         raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
+    if cfg.adapter.name != "none" and importlib.util.find_spec("peft") is None:
+        raise ConfigError("adapter", f"adapter={cfg.adapter.name} needs PEFT: pip install 'peft>=0.21.2,<0.22' "
+                                     "(or the launcher's [lora] extra)")
     if cfg.model.path is not None:
         return
     if cfg.adapter.name != "none":
