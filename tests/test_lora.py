@@ -150,3 +150,29 @@ def test_lora_every_stage_equals_peft_reference_resume_and_export(tmp_path):
     assert float((peft_logits - ref["logits"]).abs().max()) < 1e-4
     assert float((merged_logits - peft_logits).abs().max()) < 1e-5
     assert float((peft_logits - base_logits).abs().max()) > 1e-3  # the adapters did change the model
+
+
+def plan_json(*overrides: str) -> dict:
+    res = run_cli(["model=llama3_8b", "adapter=lora", "precision=bf16", "train.seq_len=2048",
+                   "train.micro_batch_size=1", "activation_checkpointing=full", *overrides, "format=json"],
+                  module="launcher.plan")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_plan_llama3_8b_lora_r16(tmp_path):
+    """The docs/lora.md plan: frozen base at 2 B/param (partitioned only by ZeRO-3), adapters with Adam state."""
+    adapters = 32 * 16 * (8192 + 5120 + 5120 + 8192 + 3 * 18432)  # r x (in + out), 7 linears, 32 layers
+    one = plan_json("hardware=1x4090", "zero=stage1")
+    assert one["trainable_parameters"] == adapters == 41_943_040 and one["parameters"] == 8_030_261_248
+    t = one["current"]["terms_bytes"]
+    assert t["params.frozen_base"] == 2 * 8_030_261_248 and t["params.model"] == 2 * adapters
+    assert t["optimizer.fp32_master"] == 4 * adapters and t["optimizer.adam_moments"] == 8 * adapters
+    assert one["current"]["fits"] and one["current"]["total_gib"] == pytest.approx(22.45, abs=0.01)
+    # 4 x N + 6 x adapters + attention (N without the input embedding), not 6 x N.
+    n = 8_030_261_248 - 128_256 * 4096
+    assert one["flops_per_token"] == 4 * n + 6 * adapters + 12 * 32 * 4096 * 2048
+    eight_z2 = plan_json("hardware=8x4090", "zero=stage2")["current"]["terms_bytes"]
+    eight_z3 = plan_json("hardware=8x4090", "zero=stage3")["current"]["terms_bytes"]
+    assert eight_z2["params.frozen_base"] == 2 * 8_030_261_248  # ZeRO-2: whole base on every GPU
+    assert eight_z3["params.frozen_partition"] == 2 * -(-8_030_261_248 // 8)  # ZeRO-3: an eighth
