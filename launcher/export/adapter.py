@@ -10,8 +10,9 @@ Merging happens here, after training, never under ZeRO-3.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 from launcher.errors import ExportError
 from launcher.export.locate import Checkpoint
@@ -31,6 +32,21 @@ def _base_model(cfg: Any, dtype: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype))
 
 
+@contextmanager
+def _plain_loading() -> Iterator[None]:
+    """train.export_at_end runs this in rank 0 of a finished ZeRO-3 run, whose HfDeepSpeedConfig is still
+    registered: transformers would then load the base partitioned, in collectives the other ranks (waiting
+    for the export) never join. Load a plain CPU model instead, and put the registration back after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def adapted_model(cfg: Any, ckpt: Checkpoint, dtype: str, log: Callable[[str], None]) -> Tuple[Any, int]:
     """The base from model.path with the checkpoint's trained adapters; returns (PeftModel, adapter params)."""
     import torch
@@ -39,7 +55,8 @@ def adapted_model(cfg: Any, ckpt: Checkpoint, dtype: str, log: Callable[[str], N
     from launcher.models.lora import lora_config
 
     state = consolidated_state_dict(ckpt)
-    model = get_peft_model(_base_model(cfg, dtype), lora_config(cfg), autocast_adapter_dtype=False)
+    with _plain_loading():
+        model = get_peft_model(_base_model(cfg, dtype), lora_config(cfg), autocast_adapter_dtype=False)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(trainable) - set(state))
     extra = sorted(set(state) - set(trainable))
