@@ -109,7 +109,7 @@ def test_lora_every_stage_equals_peft_reference_resume_and_export(tmp_path):
         for ac in ("full", "none"):
             run = tmp_path / f"z{stage}_{ac}"
             args = [*common, f"zero=stage{stage}", f"activation_checkpointing={ac}"]
-            if ac == "full" and stage in (2, 3):  # stop at 2, resume to 4
+            if ac == "full" and stage == 3:  # stop at 2, resume to 4
                 launch(run, *args, "train.max_steps=2")
                 out = launch(run, *args, "train.max_steps=4", *(["train.export_at_end=true"] if stage == 3 else []))
                 assert "resuming at step 2" in out, out[-2000:]
