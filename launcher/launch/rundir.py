@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.config.schema import LauncherConfig
 from launcher.errors import ConfigError
 from launcher.render.rundir import redact_config
 
@@ -45,10 +46,14 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         return
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
     new = _flatten(redact_config(cfg))
+    # A key the saved config lacks was added to the schema after that run started (e.g. adapter.*): at its
+    # default it changes nothing, so the old run dir still resumes.
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(LauncherConfig)))
     changed = [
         k
         for k in sorted(set(saved) | set(new))
         if saved.get(k) != new.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
+        and not (k not in saved and k in defaults and new.get(k) == defaults[k])
     ]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)} -> {new.get(k)}" for k in changed[:4])
