@@ -1,8 +1,9 @@
-"""`python -m launcher.export run_dir=DIR [step=N] [out=DIR] [dtype=bf16|fp16|fp32] [max_shard_size=5GB]`
+"""`python -m launcher.export run_dir=DIR [step=N] [out=DIR] [dtype=bf16|fp16|fp32] [max_shard_size=5GB] [merge=...]`
 
 Turns a run's ZeRO checkpoint (any stage; default: the newest complete one) into a Hugging Face model
 directory that `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load
-offline. The work is in launcher/export/hf_dir.py; this module only parses arguments and reports. User errors
+offline (LoRA runs: the PEFT adapter directory, or with merge=true the merged model; launcher/export/adapter.py).
+The work is in launcher/export/hf_dir.py; this module only parses arguments and reports. User errors
 are one `error: ...` line on stderr and exit code 2, before torch is even imported.
 """
 
