@@ -61,6 +61,8 @@ def test_gemma2_head_dim_changes_flops_and_shapes():
     # Attention FLOPs use heads x head_dim (4096), not hidden (3584).
     counts = count_params(shape)
     assert flops_per_token(shape, counts, 1000) == 6 * counts.total + 12 * 42 * 16 * 256 * 1000
+    # At 8192 tokens the 21 local layers see only their 4096-token window.
+    assert flops_per_token(shape, counts, 8192) == 6 * counts.total + 12 * 42 * 16 * 256 * (4096 + 8192) / 2
 
 
 def write_config(tmp_path, **hf):
@@ -107,3 +109,35 @@ def test_fine_tuning_hardware_profiles(name, peak, p2p_off):
     hw = compose([f"hardware={name}"])[0].hardware
     assert hw.peak_tflops == peak and hw.bf16 and hw.gpu_memory_gib <= 48 and hw.host_ram_gib
     assert (hw.nccl_env.get("NCCL_P2P_DISABLE") == "1") == p2p_off
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_loads_in_the_training_dtype_with_its_counted_parameters(model_type, tmp_path):
+    """A tiny random model of each family saved to disk: config.json adopted by the launcher counts exactly
+    the parameters the worker's AutoModelForCausalLM load holds, in bf16, checkpointable."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.worker.model import build_model
+
+    extra = {"head_dim": 32} if model_type in ("qwen3", "gemma2", "gemma3_text") else {}
+    config = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                  **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path))
+    cfg = OmegaConf.structured(LauncherConfig)
+    cfg.model.path, cfg.precision.name, cfg.zero.stage = str(tmp_path), "bf16", 2
+    if model_type == "gemma2":
+        with pytest.raises(ConfigError, match=r"^model\.attn_implementation: gemma2 has no sdpa attention .* "
+                                              r"set model\.attn_implementation=eager"):
+            adopt(cfg)
+        cfg.model.attn_implementation = "eager"
+    adopt(cfg)
+    model, _ = build_model(cfg, {}, rank=0)
+    assert model.config.model_type == model_type and model.supports_gradient_checkpointing
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert count_params(ModelShape.from_cfg(cfg.model)).total == sum(p.numel() for p in model.parameters())

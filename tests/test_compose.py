@@ -56,7 +56,7 @@ def test_every_model_on_every_hardware(model, hardware, tmp_path):
 def test_experiments_compose(experiment, tmp_path):
     run = prepare([f"+experiment={experiment}", "dry_run=true", f"hydra.run.dir={tmp_path}"], local_gpus=0)
     ds = _ds(run)
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] in (2, 3)  # full_ft_1x24gb: ZeRO-2 + CPU optimizer on one GPU
     assert ds["bf16"] == {"enabled": True}
     assert ds["train_batch_size"] == run.cfg.train.global_batch_size
     assert run.cfg.name == experiment

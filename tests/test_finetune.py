@@ -64,3 +64,19 @@ def test_gemma2_zero2_two_ranks_equal_one_rank_with_double_accumulation(tmp_path
     assert a[-1] < a[0] and a == pytest.approx(b, rel=1e-5, abs=1e-6), (a, b)
     model, tok = reload(two / "hf")
     assert type(model).__name__ == "Gemma2ForCausalLM" and model.config.head_dim == 32 and tok.chat_template
+
+
+def test_mistral_bf16_zero3_alpaca_exports(tmp_path):
+    """Mistral (sliding window) loaded in bf16 under ZeRO-3 with checkpointing, alpaca data; the export reloads."""
+    model_dir = tiny_model_dir(tmp_path / "mistral", kind="mistral")
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a} plus {b}?", "output": f"{a + b}."}) + "\n"
+                            for a in range(12) for b in range(12)))
+    run = tmp_path / "run"
+    out = launch(run, f"model.path={model_dir}", f"data.path={data}", "data.format=alpaca", "zero=stage3",
+                 "precision=bf16", "activation_checkpointing=full", "train.max_steps=4", "train.log_every=2",
+                 "train.export_at_end=true")
+    assert "records 144" in out and all(loss == loss for loss in losses(run))
+    model, tok = reload(run / "hf")
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 32
+    assert str(model.dtype) == "torch.bfloat16" and tok.chat_template

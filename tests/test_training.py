@@ -250,11 +250,10 @@ def _save_local_model(model_dir: Path) -> None:
 def test_local_model_and_data_under_zero3(tmp_path):
     """model.path + data.path (jsonl): ZeRO-3 loads the pretrained weights partitioned (HfDeepSpeedConfig
     before from_pretrained); the first step's loss equals the pretrained model's loss on that batch."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.worker.data import SampleOrder
+    from launcher.worker.data import Rows, SampleOrder
 
     model_dir, data = tmp_path / "model", tmp_path / "data.jsonl"
     _save_local_model(model_dir)
@@ -267,15 +266,17 @@ def test_local_model_and_data_under_zero3(tmp_path):
     assert "starting: 820,352 params" in res.stdout
     first = metrics(run_dir)[0]["loss"]
 
-    rows = np.load(next((run_dir / "cache").glob("packed-*.npy")))
+    rows = Rows(str(next((run_dir / "cache").glob("packed-*"))))
     order = SampleOrder(len(rows), 1234)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        losses = []
-        for r in range(2):  # rank r's micro batch: global positions 4r .. 4r+3
-            ids = torch.from_numpy(np.stack([rows[order.row(r * 4 + i)] for i in range(4)]).astype(np.int64))
-            losses.append(float(model(input_ids=ids, labels=ids).loss))
-    assert abs(first - sum(losses) / 2) < 1e-5, (first, losses)
+    with torch.no_grad():  # the global batch (positions 0..7 on both ranks): token-loss sum / target tokens
+        total, targets = 0.0, 0
+        for i in range(8):
+            ids, labels, pos = (torch.from_numpy(a)[None] for a in rows.row(order.row(i)))
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum"))
+            targets += int((labels[0, 1:] != -100).sum())
+    assert abs(first - total / targets) < 1e-5, (first, total / targets)
 
 
 def test_broken_data_file_fails_before_training(tmp_path):
@@ -283,5 +284,7 @@ def test_broken_data_file_fails_before_training(tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     run_dir = tmp_path / "run"
     res = train(run_dir, f"data.path={bad}", "train.max_steps=3", expect=2)
-    assert "error: data.path: cannot read" in res.stderr and "Traceback" not in res.stderr
+    # Refused on the submitting host before any rank starts, with the bad line.
+    assert "error: data.path: 1 of 2 records are bad (bad.jsonl:2: invalid JSON" in res.stderr
+    assert "Traceback" not in res.stderr
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()

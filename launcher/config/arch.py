@@ -18,6 +18,11 @@ from launcher.errors import ConfigError
 # per-head q/k norms (each head_dim wide). Read in transformers 5.24's modeling files.
 EXTRA_HIDDEN_NORMS = {"gemma2": 2, "gemma3_text": 2, "olmo2": 0}
 QK_NORMS = {"qwen3": 2, "qwen3_moe": 2, "gemma3_text": 2, "olmo2": 0}
+# Share of the decoder layers that use the sliding window when config.json sets one (Gemma 2 alternates
+# local and global layers; Gemma 3 has 5 local per global); other families apply it to every layer.
+SLIDING_LAYER_SHARE = {"gemma2": 0.5, "gemma3_text": 5 / 6}
+# Families transformers 5.24 refuses to run with sdpa (Gemma 2's attention logit soft-capping).
+NO_SDPA = {"gemma2"}
 # model_type -> attention biases on q/k/v when config.json does not say (Qwen2 has them, without a key).
 QKV_BIAS_BY_TYPE = {"qwen2": True}
 
@@ -117,3 +122,7 @@ def adopt(cfg: Any) -> None:
         raise ConfigError("model.path", f"config.json lacks or mangles {exc}; not a decoder-only LM config") from None
     for key, value in arch.as_model_keys().items():
         cfg.model[key] = value
+    if arch.model_type in NO_SDPA and cfg.model.attn_implementation == "sdpa":
+        raise ConfigError("model.attn_implementation", f"{arch.model_type} has no sdpa attention in transformers "
+                                                       "(logit soft-capping); set model.attn_implementation=eager "
+                                                       "(or flash_attention_2 on GPUs)")

@@ -20,7 +20,7 @@ def describe_row(rows: Rows, i: int, tokenizer: Any) -> str:
     stats = rows.meta.get("stats", {})
     lines: List[str] = [
         f"row {i} of {len(rows)} ({rows.seq_len} tokens, {len(starts) - 1} segments, "
-        f"{int(trained.sum())} trained tokens) from {rows.path}",
+        f"{rows.targets(i)} target tokens; the first token is never one) from {rows.path}",
         f"data: {', '.join(f'{k} {v}' for k, v in sorted(stats.items()))}",
         "legend: 'train |' spans are targets (labels = input_ids); '    - |' spans are masked (labels = -100); "
         "position_ids restart at 0 for every segment",

@@ -32,6 +32,7 @@ class ModelShape:
     head_dim_: int = 0  # 0: hidden / heads
     attention_bias: bool = False
     model_type: str = "llama"
+    sliding_window: int = 0  # 0: every layer attends to the whole sequence
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +68,7 @@ class ModelShape:
             head_dim_=int(model.get("head_dim") or 0),
             attention_bias=bool(model.get("attention_bias", False)),
             model_type=str(model.get("model_type", "llama")),
+            sliding_window=int(model.get("sliding_window") or 0),
         )
 
 
@@ -126,12 +128,17 @@ def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int, traina
     (forward 2, backward 4) for every matmul weight, the input embedding excluded (a lookup, not a
     matmul; with tied embeddings the same matrix is the lm_head matmul, so nothing is subtracted), plus
     the attention score/value matmuls 12 x layers x heads x head_dim x seq_len. Recompute is not included
-    (MFU counts model FLOPs, not hardware FLOPs).
+    (MFU counts model FLOPs, not hardware FLOPs). Sliding-window layers (Mistral v0.1: all; Gemma 2: every
+    other one) attend to at most `sliding_window` tokens, so their T is min(seq_len, window).
     With a frozen base (LoRA, `trainable` = adapter parameters): forward 2 N + activation gradients 2 N +
     weight gradients 2 x trainable only, i.e. 4 x N + 2 x trainable (+ the adapters' own matmuls: 6 each).
     """
+    from launcher.config.arch import SLIDING_LAYER_SHARE
+
     matmul_params = counts.total - (0 if shape.tied else counts.embedding)
-    attention = 12 * shape.layers * shape.heads * shape.head_dim * seq_len
+    share = SLIDING_LAYER_SHARE.get(shape.model_type, 1.0) if shape.sliding_window else 0.0
+    context = share * min(seq_len, shape.sliding_window or seq_len) + (1 - share) * seq_len
+    attention = 12 * shape.layers * shape.heads * shape.head_dim * context
     if trainable is not None:
         return float(4 * matmul_params + 6 * trainable + attention)
     return float(6 * matmul_params + attention)

@@ -26,6 +26,12 @@ def export_at_end(ctx: Any, engine: Any) -> None:
     waiters = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)) if ctx.world > 1 else None
     failure = None
     if ctx.rank == 0:
+        # A model.path run under ZeRO-3 registered HfDeepSpeedConfig for loading; while it is set, the export's
+        # verification load (from_pretrained) would build a partitioned model and wait in collectives for
+        # ranks that are waiting for us. Training is over: unregister it.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         failure = _export(ctx)
     if waiters is not None:
         dist.barrier(group=waiters)

@@ -125,8 +125,11 @@ def train(ctx: Context) -> int:
     )
     seq = int(cfg.train.seq_len)
     order = SampleOrder(len(rows), cfg.seed)
-    flops_tok = metrics.flops_per_token(n_params, n_emb, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq,
-                                        n_trainable=n_train if frozen else None)
+    m = cfg.model
+    # H = heads x head_dim (Gemma 2: 16 x 256 = 4096 for hidden 3584); a tied embedding is also the lm_head matmul.
+    width = m.num_attention_heads * (m.get("head_dim") or m.hidden_size // m.num_attention_heads)
+    flops_tok = metrics.flops_per_token(n_params, 0 if m.tie_word_embeddings else n_emb, m.num_hidden_layers,
+                                        width, seq, n_trainable=n_train if frozen else None)
     peak = cfg.hardware.peak_tflops if engine.device.type == "cuda" else None
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
