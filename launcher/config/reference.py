@@ -10,7 +10,7 @@ from typing import Dict, List
 from launcher.config import schema
 from launcher.config.compose import group_options
 
-GROUPS = ("zero", "offload", "activation_checkpointing", "precision", "model", "hardware", "cluster")
+GROUPS = ("zero", "offload", "activation_checkpointing", "precision", "model", "adapter", "hardware", "cluster")
 
 
 def _field_comments(cls: type) -> Dict[str, str]:
@@ -41,7 +41,7 @@ def override_reference() -> str:
         "Groups (pick one option each; default first is marked *):",
     ]
     defaults = {"zero": "stage2", "offload": "none", "activation_checkpointing": "none", "precision": "auto",
-                "model": "tiny_llama", "hardware": "local", "cluster": "local"}
+                "model": "tiny_llama", "adapter": "none", "hardware": "local", "cluster": "local"}
     for group in GROUPS:
         opts = [("*" + o if o == defaults[group] else o) for o in group_options(group)]
         out.append(f"  {group}={'|'.join(opts)}")

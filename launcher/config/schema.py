@@ -1,6 +1,6 @@
 """Typed schemas behind every config group.
 
-Each group in `conf/` (zero, offload, activation_checkpointing, precision, model, hardware, cluster)
+Each group in `conf/` (zero, offload, activation_checkpointing, precision, model, adapter, hardware, cluster)
 merges into one of these dataclasses, so OmegaConf rejects unknown keys and wrong types while composing.
 Cross-field rules (batch arithmetic, combinations) live in `launcher.config.validate`.
 This module imports neither torch nor deepspeed: it runs on the submitting host.
@@ -92,6 +92,24 @@ class ModelConfig:
     attention_bias: bool = False
     # Sliding-window attention width in tokens (Mistral, Gemma 2 local layers); null: full attention.
     sliding_window: Optional[int] = None
+
+
+@dataclass
+class AdapterConfig:
+    # "none" (every weight trains) or "lora" (PEFT LoRA adapters on a frozen base).
+    name: str = "none"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names (suffixes) to adapt, or [all-linear]: every linear layer of the decoder (not lm_head).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # "none", "all" or "lora_only": which biases train.
+    bias: str = "none"
+    # Modules trained in full and saved with the adapter (e.g. lm_head).
+    modules_to_save: List[str] = field(default_factory=list)
+    # QLoRA (4-/8-bit base) is not supported: setting either is refused at launch.
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
 
 
 @dataclass
@@ -205,6 +223,7 @@ class LauncherConfig:
     )
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -3,11 +3,13 @@ violation; recommendations come back as warning lines. Pure: the caller passes i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from launcher.config.adapter import check_adapter
 from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 
@@ -55,6 +57,7 @@ def validate(cfg: DictConfig, topo: Topology) -> List[str]:
     _check_model_shape(cfg)
     _check_paths(cfg)
     _check_cluster(cfg, topo)
+    check_adapter(cfg)
     return _recommendations(cfg)
 
 
@@ -103,8 +106,14 @@ def check_model_to_train(cfg: DictConfig) -> None:
     """A real launch trains weights from model.path, or a Llama built from the config (the byte tokenizer)."""
     if cfg.data.format != "text" and cfg.data.path is None:
         raise ConfigError("data.path", f"data.format={cfg.data.format} needs your data: set data.path=<file.jsonl>")
+    if cfg.adapter.name != "none" and importlib.util.find_spec("peft") is None:
+        raise ConfigError("adapter", f"adapter={cfg.adapter.name} needs PEFT: pip install 'peft>=0.21.2,<0.22' "
+                                     "(or the launcher's [lora] extra)")
     if cfg.model.path is not None:
         return
+    if cfg.adapter.name != "none":
+        raise ConfigError("model.path", f"adapter={cfg.adapter.name} adapts pretrained weights: set "
+                                        "model.path=<local Hugging Face model dir>")
     if cfg.model.model_type != "llama":
         raise ConfigError(
             "model.path",

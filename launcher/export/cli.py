@@ -1,8 +1,9 @@
-"""`python -m launcher.export run_dir=DIR [step=N] [out=DIR] [dtype=bf16|fp16|fp32] [max_shard_size=5GB]`
+"""`python -m launcher.export run_dir=DIR [step=N] [out=DIR] [dtype=bf16|fp16|fp32] [max_shard_size=5GB] [merge=...]`
 
 Turns a run's ZeRO checkpoint (any stage; default: the newest complete one) into a Hugging Face model
 directory that `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load
-offline. The work is in launcher/export/hf_dir.py; this module only parses arguments and reports. User errors
+offline (LoRA runs: the PEFT adapter directory, or with merge=true the merged model; launcher/export/adapter.py).
+The work is in launcher/export/hf_dir.py; this module only parses arguments and reports. User errors
 are one `error: ...` line on stderr and exit code 2, before torch is even imported.
 """
 
@@ -13,15 +14,16 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 EXIT_USER_ERROR = 2
-KEYS = ("run_dir", "step", "out", "dtype", "max_shard_size")
+KEYS = ("run_dir", "step", "out", "dtype", "max_shard_size", "merge")
 USAGE = ("usage: python -m launcher.export run_dir=DIR [step=N] [out=DIR] [dtype=bf16|fp16|fp32] "
-         "[max_shard_size=5GB]\n"
+         "[max_shard_size=5GB] [merge=false]\n"
          "  run_dir         a run dir written by `python -m launcher` (it holds checkpoints/ and config.yaml)\n"
          "  step            the checkpoint to export (default: the newest complete one)\n"
          "  out             output directory (default: <run_dir>/hf); an earlier export there is replaced\n"
          "  dtype           weights dtype (default: the run's precision: fp32, bf16 or fp16)\n"
          "  max_shard_size  split the weights into model-0000k-of-0000n.safetensors files above this size "
-         "(default 5GB)")
+         "(default 5GB)\n"
+         "  merge           LoRA runs: false (default) writes the PEFT adapter dir, true the merged full model")
 
 
 class UsageError(Exception):
@@ -64,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UsageError(f"step={args['step']}: must be an integer (a checkpoint's step)") from None
             if step < 0:
                 raise UsageError(f"step={step}: must be >= 0")
+        merge = args.get("merge", "false").lower()
+        if merge not in ("true", "false"):
+            raise UsageError(f"merge={args['merge']}: use merge=true or merge=false")
         result = export(
             Path(args["run_dir"]),
             step=step,
@@ -71,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dtype=args.get("dtype"),
             max_shard_size=args.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE),
             log=eprint,
+            merge=merge == "true",
         )
     except (UsageError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

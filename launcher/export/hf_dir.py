@@ -114,19 +114,25 @@ def _write_tokenizer(cfg: Any, run_dir: Path, out: Path) -> List[str]:
 
 
 def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None, dtype: Optional[str] = None,
-           max_shard_size: Any = DEFAULT_MAX_SHARD_SIZE, log: Callable[[str], None] = print) -> ExportResult:
-    """Export one checkpoint of a run as a Hugging Face model directory. Raises ExportError on user errors."""
+           max_shard_size: Any = DEFAULT_MAX_SHARD_SIZE, log: Callable[[str], None] = print,
+           merge: bool = False) -> ExportResult:
+    """Export one checkpoint of a run as a Hugging Face model directory (LoRA runs: the PEFT adapter
+    directory, or with merge the merged model). Raises ExportError on user errors."""
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().absolute()
     ckpt = find_checkpoint(run_dir, step)
     cfg = load_run_config(run_dir)
     dtype = resolve_dtype(cfg, dtype)
+    lora = str(cfg.get("adapter", {}).get("name", "none")) == "lora"
+    if merge and not lora:
+        raise ExportError("merge=true merges LoRA adapters; this run trained every weight (adapter=none)")
     max_bytes = parse_size(max_shard_size)
     out = Path(out).expanduser().absolute() if out is not None else run_dir / "hf"
     check_out(out, run_dir)
     for note in ckpt.notes:
         log(note)
-    log(f"exporting {ckpt.path} (step {ckpt.step}, ZeRO-{ckpt.stage}) as {dtype} -> {out}")
+    what = ("merged LoRA model" if merge else "LoRA adapter") if lora else "model"
+    log(f"exporting {ckpt.path} (step {ckpt.step}, ZeRO-{ckpt.stage}) as {dtype} {what} -> {out}")
 
     import deepspeed
     import transformers
@@ -136,19 +142,26 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        config = _hf_config(cfg, dtype)
-        files, n_params, total_bytes = write_weights(ckpt, config, dtype, tmp, max_bytes, log)
-        config.save_pretrained(str(tmp))
-        _generation_config(cfg, config).save_pretrained(str(tmp))
-        files += ["config.json", "generation_config.json"]
-        files += _write_tokenizer(cfg, run_dir, tmp)
-        verify(tmp, files, config)
+        if lora:
+            from launcher.export.adapter import write_adapter
+
+            files, n_params, total_bytes = write_adapter(cfg, ckpt, dtype, merge, tmp, log)
+            files += _write_tokenizer(cfg, run_dir, tmp)
+        else:
+            config = _hf_config(cfg, dtype)
+            files, n_params, total_bytes = write_weights(ckpt, config, dtype, tmp, max_bytes, log)
+            config.save_pretrained(str(tmp))
+            _generation_config(cfg, config).save_pretrained(str(tmp))
+            files += ["config.json", "generation_config.json"]
+            files += _write_tokenizer(cfg, run_dir, tmp)
+            verify(tmp, files, config)
         info = {
             "run_dir": str(run_dir),
             "checkpoint": str(ckpt.path),
             "step": ckpt.step,
             "zero_stage": ckpt.stage,
             "dtype": dtype,
+            "kind": ("merged" if merge else "adapter") if lora else "full",
             "n_params": n_params,
             "weights_bytes": total_bytes,
             "deepspeed": deepspeed.__version__,
@@ -166,6 +179,11 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
 
 def summary(result: ExportResult) -> str:
     weights = [f for f in result.files if f.endswith(".safetensors")]
+    if "adapter_config.json" in result.files:
+        return (f"exported the LoRA adapter of step {result.checkpoint.step} ({result.n_params:,} params, "
+                f"{result.dtype}) to {result.out} in {result.seconds:.1f} s\n"
+                f"  load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<model.path>), "
+                f"{str(result.out)!r}); merged model: add merge=true")
     return (f"exported step {result.checkpoint.step} ({result.n_params:,} params, {result.dtype}, "
             f"{result.total_bytes / 1e6:.1f} MB in {len(weights)} safetensors file(s)) to {result.out} "
             f"in {result.seconds:.1f} s\n"

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import secrets
+from launcher.config.schema import LauncherConfig
 from launcher.errors import ConfigError
 from launcher.launch.settle import appended_run_json
 from launcher.render.rundir import redact_config
@@ -73,11 +74,15 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         raise ConfigError("name", f"{saved_path} is not a readable config ({first}); restore it, or start a "
                           "new run with name=<new name>") from None
     new = _flatten(redact_config(cfg))
+    # A key the saved config lacks was added to the schema after that run started (e.g. adapter.*): at its
+    # default it changes nothing, so the old run dir still resumes.
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(LauncherConfig)))
     changed = [
         k
         for k in sorted(set(saved) | set(new))
         if saved.get(k) != new.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
         and secrets.REDACTED not in (saved.get(k), new.get(k))  # a secret is not compared (nor written)
+        and not (k not in saved and k in defaults and new.get(k) == defaults[k])
     ]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)} -> {new.get(k)}" for k in changed[:4])

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from launcher.config.topology import Topology, batch_shape
 from launcher.plan.capacity import Capacity, capacity
 from launcher.plan.load import load_bytes_per_node
+from launcher.plan.lora import adapter_counts
 from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, MemoryBreakdown, Setup, estimate_memory
 from launcher.plan.params import ModelShape, count_params, flops_per_token
 from launcher.plan.perf import StepEstimate, estimate_step
@@ -130,6 +131,8 @@ class Plan:
         cfg, topo = self.cfg, self.topo
         shape = ModelShape.from_cfg(cfg.model)
         counts = count_params(shape)
+        adapters = adapter_counts(cfg, shape)
+        trainable = counts.total if adapters is None else adapters.total
         bs = batch_shape(cfg, topo)
         return {
             "model": str(cfg.model.name),
@@ -143,7 +146,9 @@ class Plan:
             "micro_batch_size": bs.micro_batch_size,
             "gradient_accumulation_steps": bs.gradient_accumulation_steps,
             "parameters": counts.total,
-            "flops_per_token": flops_per_token(shape, counts, int(cfg.train.seq_len)),
+            "trainable_parameters": trainable,
+            "flops_per_token": flops_per_token(shape, counts, int(cfg.train.seq_len),
+                                               None if adapters is None else trainable),
             "usable_gib": None if self.capacity.device_per_rank is None else gib(self.capacity.device_per_rank),
             "usable_source": self.capacity.source,
             "current": self.current.to_json(),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from launcher.config.topology import Topology
+from launcher.plan import lora
 from launcher.plan.params import ModelShape, ParamCounts, count_params
 
 GIB = 1024**3
@@ -183,10 +184,18 @@ def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup, micro_batch_s
     counts = count_params(shape)
     micro = int(cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size)
     prec = precision_bytes(str(cfg.precision.name))
-    terms = model_state_terms(cfg, topo, setup, counts, prec, accum)
+    adapters = lora.adapter_counts(cfg, shape)
+    # LoRA: optimizer, gradients and buckets follow the adapters; the frozen base is weights only.
+    terms = model_state_terms(cfg, topo, setup, adapters or counts, prec, accum)
+    if adapters is not None:
+        terms.update(lora.frozen_base_terms(cfg, topo.world_size, setup.zero_stage, setup.offload_params, counts,
+                                            prec.param))
     # Packed rows keep records apart through a mask unless attention is flash attention (varlen).
     packed = not str(cfg.model.get("attn_implementation", "sdpa")).startswith("flash")
     terms.update(activation_terms(shape, setup, micro, int(cfg.train.seq_len), prec.activation, packed))
+    if adapters is not None:
+        n_kept = shape.layers - checkpointed_layers(shape.layers, setup.ac_every) + (1 if setup.ac_every else 0)
+        terms.update(lora.activation_terms(cfg, shape, n_kept, micro * int(cfg.train.seq_len), prec.activation))
     if setup.cpu_checkpointing:
         n_ckpt = checkpointed_layers(shape.layers, setup.ac_every)
         terms["host.checkpoint_inputs"] = n_ckpt * micro * int(cfg.train.seq_len) * shape.hidden * prec.activation

@@ -121,7 +121,7 @@ def count_params(shape: ModelShape) -> ParamCounts:
     )
 
 
-def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> float:
+def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int, trainable: int | None = None) -> float:
     """Model FLOPs per trained token: 6 x (N - embedding) + 12 x L x H x Q x T.
 
     PaLM (Chowdhery et al. 2022) appendix B, torchtitan's convention: 6 FLOPs per parameter per token
@@ -130,6 +130,8 @@ def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> flo
     the attention score/value matmuls 12 x layers x heads x head_dim x seq_len. Recompute is not included
     (MFU counts model FLOPs, not hardware FLOPs). Sliding-window layers (Mistral v0.1: all; Gemma 2: every
     other one) attend to at most `sliding_window` tokens, so their T is min(seq_len, window).
+    With a frozen base (LoRA, `trainable` = adapter parameters): forward 2 N + activation gradients 2 N +
+    weight gradients 2 x trainable only, i.e. 4 x N + 2 x trainable (+ the adapters' own matmuls: 6 each).
     """
     from launcher.config.arch import SLIDING_LAYER_SHARE
 
@@ -137,6 +139,8 @@ def flops_per_token(shape: ModelShape, counts: ParamCounts, seq_len: int) -> flo
     share = SLIDING_LAYER_SHARE.get(shape.model_type, 1.0) if shape.sliding_window else 0.0
     context = share * min(seq_len, shape.sliding_window or seq_len) + (1 - share) * seq_len
     attention = 12 * shape.layers * shape.heads * shape.head_dim * context
+    if trainable is not None:
+        return float(4 * matmul_params + 6 * trainable + attention)
     return float(6 * matmul_params + attention)
 
 

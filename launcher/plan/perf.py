@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from launcher.config.topology import Topology
+from launcher.plan import lora
 from launcher.plan.memory import Setup, checkpointed_layers, precision_bytes
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
 
@@ -107,14 +108,18 @@ def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
     peak = cfg.hardware.peak_tflops
     if peak is None or topo.accelerator != "cuda":
         return StepEstimate(**NO_ESTIMATE, tokens_per_step=tokens_per_step)
-    model_flops = flops_per_token(shape, counts, seq)
+    adapters = lora.adapter_counts(cfg, shape)
+    model_flops = flops_per_token(shape, counts, seq, adapters.total if adapters else None)
     # Recomputing a checkpointed layer repeats its forward: +1/3 of its 6-FLOPs-per-parameter cost.
     recomputed = checkpointed_layers(shape.layers, setup.ac_every) / shape.layers
     prec = precision_bytes(str(cfg.precision.name))
     rate = float(peak) * 1e12 * ACHIEVABLE_FRACTION * (FP32_PEAK_RATIO if prec.param == 4 else 1.0)
     compute_s = tokens_per_rank * model_flops * (1 + recomputed / 3) / rate
 
-    volume = comm_bytes_per_rank(setup.zero_stage, counts.total, prec.param, prec.grad, topo.world_size, accum)
+    volume = comm_bytes_per_rank(setup.zero_stage, (adapters or counts).total, prec.param, prec.grad,
+                                 topo.world_size, accum)
+    if adapters is not None and setup.zero_stage == 3:  # the frozen base is still gathered, twice per micro-step
+        volume += accum * 2 * counts.total * prec.param * (topo.world_size - 1) / topo.world_size
     bandwidth = rank_bandwidth_gbps(cfg, topo)
     if volume and bandwidth is None:
         return StepEstimate(**NO_ESTIMATE, tokens_per_step=tokens_per_step)
@@ -123,7 +128,7 @@ def estimate_step(cfg: DictConfig, topo: Topology, setup: Setup, accum: int,
 
     offload_s = 0.0
     if setup.offload == "cpu":
-        part = math.ceil(counts.total / topo.world_size)
+        part = math.ceil((adapters or counts).total / topo.world_size)
         adam = part * topo.ranks_per_node * HOST_ADAM_BYTES_PER_PARAM / (HOST_ADAM_GBPS * 1e9)
         pcie_bytes = part * (accum * prec.grad + prec.param)
         if setup.offload_params:

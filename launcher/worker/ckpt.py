@@ -89,10 +89,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int,
+         frozen: bool = False) -> str:
+    """frozen: a frozen base (LoRA): only the trainable parameters and their optimizer state are written."""
     tag = tag_for(step)
     rank = comm.rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=frozen)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     slow = float(os.environ.get(SLOW_SAVE_ENV, "0"))
     if slow:
@@ -139,8 +142,9 @@ def checkpoint_info(engine: Any, step: int) -> Dict[str, Any]:
     }
 
 
-def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
+def load(engine: Any, ckpt_dir: Path, frozen: bool = False) -> Optional[Dict[str, Any]]:
     """Load the latest complete checkpoint into the engine; returns its client state (None: fresh start).
+    frozen: the checkpoint holds only the trainable parameters; the frozen ones keep their loaded values.
     With `load_universal` set (the launcher converted a checkpoint saved at another world size), the
     universal copy named by `latest_universal` is loaded instead; per-rank RNG state does not carry over."""
     if engine.load_universal_checkpoint():
@@ -153,7 +157,7 @@ def load(engine: Any, ckpt_dir: Path) -> Optional[Dict[str, Any]]:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
     rng_file = ckpt_dir / tag / f"rng_rank{comm.rank()}.pt"

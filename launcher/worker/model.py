@@ -95,10 +95,12 @@ def build_model(
     return model, None
 
 
-def count_parameters(model: torch.nn.Module) -> Tuple[int, int]:
-    """(total, embedding) parameter counts, ZeRO-3 partitioned or not."""
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> Tuple[int, int]:
+    """(total, embedding) parameter counts, ZeRO-3 partitioned or not; trainable_only: those that train."""
     total = emb = 0
     for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         n = int(getattr(p, "ds_numel", p.numel()))
         total += n
         if "embed_tokens" in name:

@@ -69,6 +69,12 @@ def _data_summary(rows: Rows) -> str:
     return ", ".join(parts)
 
 
+def adapter_name(cfg: Any) -> str:
+    """Run dirs written before the adapter group existed have no `adapter` key: full fine-tuning."""
+    adapter = cfg.get("adapter")
+    return "none" if adapter is None else str(adapter.name)
+
+
 def current_loss_scale(engine: Any) -> Optional[float]:
     opt = engine.optimizer
     scale = getattr(opt, "cur_scale", None)
@@ -97,9 +103,17 @@ def train(ctx: Context) -> int:
                           "use precision=bf16 or precision=fp32", EXIT_USER_ERROR)
     model, keep_alive = build_model(cfg, ctx.ds, rank)
     recomputed = act_ckpt.enable(model, cfg, str(ctx.ds_path)) if cfg.activation_checkpointing.enabled else 0
+    frozen = adapter_name(cfg) != "none"
+    if frozen:
+        from launcher.worker.adapters import lora
+
+        model = lora.apply(model, cfg, checkpointing=recomputed > 0)
     model.train()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=str(ctx.ds_path))
-    n_params, _ = count_parameters(engine.module)
+    # Only what trains goes to the optimizer: no state and no empty parameter groups for the frozen base.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=str(ctx.ds_path))
+    n_params, n_emb = count_parameters(engine.module)
+    n_train = count_parameters(engine.module, trainable_only=True)[0]
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
         # DeepSpeed would raise a bare Exception (traceback on every rank) on the first overflow at the
@@ -107,7 +121,7 @@ def train(ctx: Context) -> int:
         scaler.raise_error_at_min_scale = False
 
     ckpt_dir = ctx.run_dir / "checkpoints"
-    client = ckpt.load(engine, ckpt_dir)
+    client = ckpt.load(engine, ckpt_dir, frozen=frozen)
     start = int(client["step"]) if client else 0
     progress.step = start
     max_steps = int(cfg.train.max_steps)
@@ -120,13 +134,14 @@ def train(ctx: Context) -> int:
     seq = int(cfg.train.seq_len)
     order = SampleOrder(len(rows), cfg.seed)
     shape = ModelShape.from_cfg(cfg.model)
-    flops_tok = flops_per_token(shape, count_params(shape), seq)  # the planner's count (tied lm_head included)
+    # The planner's count (tied lm_head included); a frozen base (LoRA) does no weight-gradient matmuls.
+    flops_tok = flops_per_token(shape, count_params(shape), seq, n_train if frozen else None)
     peak = cfg.hardware.peak_tflops if engine.device.type == "cuda" else None
     if rank == 0:
         what = f"resuming at step {start}" if client else "starting"
         ac = f", activation checkpointing on {recomputed} layers" if recomputed else ""
-        console.say(f"[launcher] {what}: {n_params:,} params, {world} ranks, {micro} micro x {accum} accum x "
-                    f"{world} = {glob} sequences x {seq} tokens per step{ac}")
+        console.say(f"[launcher] {what}: {n_params:,} params ({n_train:,} trainable), {world} ranks, {micro} "
+                    f"micro x {accum} accum x {world} = {glob} sequences x {seq} tokens per step{ac}")
     if start >= max_steps:
         if rank == 0:
             console.say(f"[launcher] already at step {start} >= train.max_steps={max_steps}; nothing to do")
@@ -181,6 +196,8 @@ def train(ctx: Context) -> int:
                 # Max over ranks, bytes / 1e9; what each key measures: launcher.worker.metrics.memory_bytes.
                 **{k: round(v / 1e9, 4) for k, v in mem.items()},
                 "mem_source": metrics.memory_source(),
+                "params": n_params,
+                "trainable_params": n_train,
             }
             if fp16:
                 record["loss_scale"] = scale
@@ -206,7 +223,8 @@ def train(ctx: Context) -> int:
         stop = comm.any_rank(bool(signals.received()))
         if step % cfg.train.save_every == 0 or step == max_steps or stop:
             saving = time.perf_counter()
-            ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last)
+            ckpt.save(engine, ckpt_dir, step, {"step": step, "consumed_samples": step * glob}, cfg.train.keep_last,
+                      frozen=frozen)
             window_start += time.perf_counter() - saving  # step timing (tokens/s, MFU) excludes saves
             saved_step = step
         if stop:
