@@ -10,8 +10,8 @@ Three sides, run interleaved A B C A B C ... (--runs each), one launch at a time
 (bench/_sft_trainer_rank.py has the Trainer side.)
 
 Equal on every side:
-  - the model: a Llama built once here (--hidden/--layers/..., default 11.0M parameters, byte-level BPE
-    vocabulary of 1024 trained on the data, ChatML template), loaded by launcher.worker.model.build_model on
+  - the model: a Llama built once here (--hidden/--layers/..., default 10.1M parameters, byte-level BPE
+    vocabulary (907 tokens) trained on the words, ChatML template), loaded by launcher.worker.model.build_model on
     every side: bitwise the same initial weights;
   - the records of every optimizer step, on the same rank: the Trainer sides get, as micro batch m of step s on
     rank r, exactly the records our packed rows of that micro batch hold (cut back out of the rows). So the
@@ -34,7 +34,7 @@ Reported per side: real tokens/s (real tokens of the steady steps / their summed
 The last line is `ratio X`, X = ours / padded Trainer real tokens/s (medians over runs); the line before
 gives ours / flattening Trainer.
 
-    PYTHONPATH=. .venv/bin/python bench/compare_sft.py [--runs 2] [--steps 16] [--warmup 4] [--workdir DIR]
+    PYTHONPATH=. .venv/bin/python bench/compare_sft.py [--runs 2] [--steps 10] [--warmup 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def run(cmd: list, cwd: Path, env: dict, log: Path, timeout: float = 1800) -> No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="launches per side, interleaved")
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=4, help="steps dropped from the timing of every run")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="steps dropped from the timing of every run")
     parser.add_argument("--records", type=int, default=1500, help="training records generated")
     parser.add_argument("--heldout", type=int, default=100, help="held-out records for the loss")
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -226,8 +226,9 @@ def main() -> int:
     real_per_step = []
     for s in range(args.steps):
         real_per_step.append(sum(real_tokens(*rows.row(order.row(s * glob + i)), pad) for i in range(glob)))
-    lengths = np.array([len(tokenizer.apply_chat_template(r["messages"], tokenize=True))
-                        for r in chat_records(min(args.records, 1000), seed=1)])
+    # Tokens per record before truncation (the distribution drawn) and as packed (after truncation at seq_len).
+    lengths = np.array([len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False))["input_ids"])
+                        for r in chat_records(args.records, seed=1)])
     stats = rows.meta.get("stats", {})
     env_b = launch_env(render, base)
     deepspeed = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(world)]
@@ -275,7 +276,8 @@ def main() -> int:
                                                    strict=True)) for k in range(args.runs)) for s in SIDES[1:]}
     steady_tokens = sum(real_per_step[args.warmup:])
     print()
-    print(f"{n_params / 1e6:.1f}M-parameter Llama (hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}), "
+    print(f"{n_params / 1e6:.1f}M-parameter Llama (hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {len(tokenizer)}), "
           f"2 CPU ranks, ZeRO-{ds['zero_optimization']['stage']}, fp32, seq_len {args.seq_len}; ours "
           f"{ds['train_micro_batch_size_per_gpu']} row x {ds['gradient_accumulation_steps']} accum x {world} ranks; "
           f"{args.steps} steps, {sum(real_per_step)} real tokens in all (steps {args.warmup + 1}-{args.steps}: "
