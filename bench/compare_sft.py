@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="steps dropped from the timing of every run")
     parser.add_argument("--records", type=int, default=1500, help="training records generated")
-    parser.add_argument("--heldout", type=int, default=100, help="held-out records for the loss")
+    parser.add_argument("--heldout", type=int, default=40, help="held-out records for the loss")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro", type=int, default=1, help="packed rows per micro batch per rank (ours)")
     parser.add_argument("--accum", type=int, default=1)

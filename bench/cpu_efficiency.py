@@ -18,7 +18,7 @@ and step as the worker, one step under torch.profiler on rank 0, self CPU time g
 optimizer, communication and the rest: what limits the efficiency.
 
     PYTHONPATH=. .venv/bin/python bench/cpu_efficiency.py [--steps 4] [--warmup 1] [--models 25m,100m]
-                                                          [--no-profile] [--workdir DIR]
+                                                          [--no-profile] [--profile-model 25m] [--workdir DIR]
 
 The last line is `efficiency X` for the last (largest) model.
 """
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # name -> (hidden, intermediate, layers, heads); KV heads = heads, vocabulary 320 (tiny_llama's byte tokenizer).
 # 25m: 8 x (4 x 512^2 + 3 x 512 x 1376) = 25.3M; 100m: 14 x (4 x 768^2 + 3 x 768 x 2048) = 99.1M.
-MODELS = {"25m": (512, 1376, 8, 8), "100m": (768, 2048, 14, 12)}
+MODELS = {"3m": (256, 688, 4, 4), "25m": (512, 1376, 8, 8), "100m": (768, 2048, 14, 12)}  # 3m: a quick check
 SEQ, MICRO, WORLD = 1024, 2, 2
 
 MATMUL = r"""
@@ -102,6 +102,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped from the timing")
     parser.add_argument("--models", default="25m,100m", help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler launch")
+    parser.add_argument("--profile-model", default=None, help="model to profile (default: the last of --models)")
     parser.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir, removed after)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_eff_"))
@@ -146,8 +147,11 @@ def main() -> int:
               f"(load {loads[-2]:.2f} / {loads[-1]:.2f})", flush=True)
 
     profile = None
+    prof_name = args.profile_model or names[-1]
     if not args.no_profile:
-        name = names[-1]
+        name = prof_name
+        if name not in names:
+            render_run(overrides_for(name, args.steps, work / "cache"), work / f"rendered_{name}", base)
         render = work / f"rendered_{name}"
         out = work / "profile.json"
         port = free_port()
@@ -171,13 +175,16 @@ def main() -> int:
               f"{r['mem']:.2f} |")
     if profile is not None:
         print()
-        print(f"Profile of one step, rank 0, {names[-1]} ({profile['step_s']:.2f} s wall under the profiler): "
+        print(f"Profile of one step, rank 0, {prof_name} ({profile['step_s']:.2f} s wall under the profiler): "
               + ", ".join(f"{k} {v:.2f} s" for k, v in profile["phases"].items()) + ". Self CPU time by group:")
         print()
         print("| group | seconds | share |")
         print("|---|---|---|")
-        total = sum(profile["groups"].values())
-        for group, sec in sorted(profile["groups"].items(), key=lambda kv: -kv[1]):
+        groups = dict(profile["groups"])
+        # Wall time of the step not inside any op on this thread: waiting for the other rank, Python.
+        groups["outside ops (waits, Python)"] = max(0.0, profile["step_s"] - sum(groups.values()))
+        total = sum(groups.values())
+        for group, sec in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"| {group} | {sec:.2f} | {sec / total:.1%} |")
         print()
         print("Top ops by self CPU time:")
