@@ -143,6 +143,23 @@ def real_tokens(ids, labels, pos, pad_id: int) -> int:
     return n
 
 
+def padded_tokens(rows, order, steps: int, glob: int, micro: int, pad_id: int) -> int:
+    """Token positions the padded Trainer computes: each micro batch (the records of `micro` of our rows) is
+    [records, longest record]."""
+    import numpy as np
+
+    total = 0
+    for k in range(0, steps * glob, micro):
+        lengths = []
+        for i in range(k, k + micro):
+            ids, labels, pos = rows.row(order.row(i))
+            starts = [int(j) for j in np.flatnonzero(pos == 0)] + [len(ids)]
+            lengths += [b - a for a, b in zip(starts, starts[1:], strict=False)
+                        if not ((ids[a:b] == pad_id).all() and (labels[a:b] == -100).all())]
+        total += len(lengths) * max(lengths)
+    return total
+
+
 def heldout_loss(model_dir: Path, rows) -> float:
     """Mean token loss over the held-out rows' targets (packed, position_ids restarting, no mask)."""
     import torch
@@ -226,6 +243,7 @@ def main() -> int:
     real_per_step = []
     for s in range(args.steps):
         real_per_step.append(sum(real_tokens(*rows.row(order.row(s * glob + i)), pad) for i in range(glob)))
+    padded_positions = padded_tokens(rows, order, args.steps, glob, ds["train_micro_batch_size_per_gpu"], pad)
     # Tokens per record before truncation (the distribution drawn) and as packed (after truncation at seq_len).
     lengths = np.array([len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False))["input_ids"])
                         for r in chat_records(args.records, seed=1)])
@@ -287,6 +305,8 @@ def main() -> int:
           f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}, > {args.seq_len}: "
           f"{(lengths > args.seq_len).mean():.1%} (truncated); packed: {stats.get('records')} records in "
           f"{len(rows)} rows, padding fraction {stats.get('padding_fraction')}")
+    print(f"token positions computed per real token: ours {args.steps * glob * args.seq_len / sum(real_per_step):.3f} "
+          f"(packed rows), flatten 1.000, padded {padded_positions / sum(real_per_step):.3f} ([records, longest])")
     print(f"max |per-step loss - ours|: padded {diffs['padded']:.1e}, flatten {diffs['flatten']:.1e}")
     print()
     print("| side | real tokens/s (median) | step time (s, median) | real tokens/s per run | peak RSS per rank (GB) "
