@@ -11,7 +11,12 @@ checkpointing, the built-in text corpus (packed without padding: every token is 
               the rendered launch.sh, torch.set_num_threads likewise), measured right before and after every
               training launch (A B A B ...): square 2048^3 (the machine's rate) and, for context, the model's
               MLP shape [micro x seq_len, hidden] x [hidden, intermediate];
-  efficiency = achieved / median of the square-matmul measurements around that launch.
+  efficiency = achieved / median of the square-matmul measurements around that launch, computed two ways:
+              by wall time (FLOP/s over FLOP/s), and per CPU second (the FLOPs of the steady steps / the CPU
+              seconds the two ranks received meanwhile, sampled every 0.5 s, over the matmul FLOPs per CPU
+              second of its processes). On a quiet machine the ranks run at 100% of a core each and the two
+              agree; on a shared machine the wall-time rates depend on the share each got, and the per-CPU-second
+              figure is the one that means something. The last line uses it.
 
 With --profile (default on) one more launch of the last model runs bench/_profile_rank.py: the same engine, data
 and step as the worker, one step under torch.profiler on rank 0, self CPU time grouped into matmul, attention,
@@ -52,20 +57,56 @@ torch.set_num_threads(threads)
 a, b = torch.randn(m, k), torch.randn(k, n)
 for _ in range(2):
     torch.mm(a, b)
-count, start = 0, time.perf_counter()
+count, start, cpu = 0, time.perf_counter(), time.process_time()
 while time.perf_counter() - start < seconds:
     torch.mm(a, b)
     count += 1
-print(2.0 * m * k * n * count / (time.perf_counter() - start))
+flops = 2.0 * m * k * n * count
+print(flops / (time.perf_counter() - start), flops, time.process_time() - cpu)
 """
 
 
-def matmul_rate(threads: int, m: int, k: int, n: int, seconds: float = 3.0) -> float:
-    """Summed FLOP/s of WORLD processes doing fp32 m x k x n matmuls at the same time."""
+def matmul_rate(threads: int, m: int, k: int, n: int, seconds: float = 3.0) -> tuple:
+    """(summed FLOP/s of WORLD processes doing fp32 m x k x n matmuls at the same time, FLOPs per CPU second)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs = [subprocess.Popen([PY, "-c", MATMUL, str(threads), str(m), str(k), str(n), str(seconds)], env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(WORLD)]
-    return sum(float(p.communicate()[0].strip()) for p in procs)
+    outs = [[float(x) for x in p.communicate()[0].split()] for p in procs]
+    return sum(o[0] for o in outs), sum(o[1] for o in outs) / sum(o[2] for o in outs)
+
+
+def launch_with_cpu_times(cmd: list, env: dict, log: Path, metrics: Path) -> list:
+    """Run the launch; every 0.5 s record (metrics.jsonl lines, summed CPU seconds of the worker ranks), so the
+    CPU time the ranks received during the steady steps is known. On a shared machine the ranks get a share of
+    the cores; FLOPs per CPU second compares them with the matmul rate per CPU second whatever the load."""
+    import time
+
+    import psutil
+
+    samples = []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        cpu: Dict[int, float] = {}
+        while proc.poll() is None:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    if "launcher.worker" in " ".join(child.cmdline()):
+                        cpu[child.pid] = sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+            lines = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+            samples.append((lines, sum(cpu.values())))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
+    return samples
+
+
+def steady_cpu_seconds(samples: list, warmup: int, steps: int) -> float:
+    """Rank CPU seconds from the end of step `warmup` to the end of step `steps` (0.5 s sampling)."""
+    first = next(c for n, c in samples if n >= warmup)
+    last = next(c for n, c in samples if n >= steps)
+    return last - first
 
 
 def overrides_for(name: str, steps: int, cache: Path) -> List[str]:
@@ -121,29 +162,36 @@ def main() -> int:
         render_run(overrides, render, base)
         threads = int(launch_env(render, base).get("OMP_NUM_THREADS", "1"))
         hidden, inter, _, _ = MODELS[name]
-        before = matmul_rate(threads, 2048, 2048, 2048)
-        mlp = matmul_rate(threads, MICRO * SEQ, hidden, inter)
+        before, before_cpu = matmul_rate(threads, 2048, 2048, 2048)
+        mlp, _ = matmul_rate(threads, MICRO * SEQ, hidden, inter)
         loads.append(os.getloadavg()[0])
         run_dir = work / f"run_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={run_dir}"], REPO, base, work / f"run_{name}.log")
+        samples = launch_with_cpu_times([PY, "-m", "launcher", *overrides, f"hydra.run.dir={run_dir}"], base,
+                                        work / f"run_{name}.log", run_dir / "metrics.jsonl")
         remove_shm_buffers(launch_port(run_dir))
         loads.append(os.getloadavg()[0])
-        after = matmul_rate(threads, 2048, 2048, 2048)
+        after, after_cpu = matmul_rate(threads, 2048, 2048, 2048)
         squares += [before, after]
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steady = recs[args.warmup:]
-        tokens_s = len(steady) * MICRO * WORLD * SEQ / sum(r["step_time_s"] for r in steady)
+        tokens = len(steady) * MICRO * WORLD * SEQ
+        tokens_s = tokens / sum(r["step_time_s"] for r in steady)
         fpt, n_params = flops_per_token(render)
         achieved = tokens_s * fpt
         machine = statistics.median([before, after])
+        per_cpu = tokens * fpt / steady_cpu_seconds(samples, args.warmup, args.steps)
+        machine_cpu = statistics.median([before_cpu, after_cpu])
         results[name] = {"params": n_params, "tokens_s": tokens_s, "achieved": achieved, "machine": machine,
                          "mlp": mlp, "step": statistics.median(r["step_time_s"] for r in steady),
-                         "eff": achieved / machine, "mem": recs[-1]["mem_peak_gb"], "fpt": fpt}
+                         "eff_wall": achieved / machine, "per_cpu": per_cpu, "machine_cpu": machine_cpu,
+                         "eff": per_cpu / machine_cpu, "mem": recs[-1]["mem_peak_gb"], "fpt": fpt}
         r = results[name]
         print(f"{name}: {n_params / 1e6:.1f}M params, {r['step']:.2f} s/step, {tokens_s:.0f} tokens/s, "
-              f"{fpt / 1e6:.0f} MFLOP/token -> {achieved / 1e9:.1f} GFLOP/s; matmul 2048^3 {before / 1e9:.1f} / "
-              f"{after / 1e9:.1f} GFLOP/s (before/after), MLP shape {mlp / 1e9:.1f}; efficiency {r['eff']:.3f} "
+              f"{fpt / 1e6:.0f} MFLOP/token -> {achieved / 1e9:.1f} GFLOP/s wall, {per_cpu / 1e9:.1f} GFLOP per "
+              f"rank CPU second; matmul 2048^3 {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s (before/after), "
+              f"{machine_cpu / 1e9:.1f} GFLOP per CPU second, MLP shape {mlp / 1e9:.1f} GFLOP/s; efficiency "
+              f"{r['eff']:.3f} per CPU second, {r['eff_wall']:.3f} by wall time "
               f"(load {loads[-2]:.2f} / {loads[-1]:.2f})", flush=True)
 
     profile = None
@@ -167,12 +215,13 @@ def main() -> int:
           f"checkpointing, steps {args.warmup + 1}-{args.steps}; 1-min load avg {min(loads):.2f}-{max(loads):.2f}")
     print()
     print("| model | parameters | step (s) | tokens/s | MFLOP/token | achieved GFLOP/s | matmul 2048^3 GFLOP/s "
-          "| matmul MLP shape GFLOP/s | efficiency | peak RSS per rank (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| efficiency (wall) | achieved GFLOP per rank CPU s | matmul GFLOP per CPU s | efficiency (CPU time) "
+          "| peak RSS per rank (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['step']:.2f} | {r['tokens_s']:.0f} | {r['fpt'] / 1e6:.0f} | "
-              f"{r['achieved'] / 1e9:.1f} | {r['machine'] / 1e9:.1f} | {r['mlp'] / 1e9:.1f} | {r['eff']:.3f} | "
-              f"{r['mem']:.2f} |")
+              f"{r['achieved'] / 1e9:.1f} | {r['machine'] / 1e9:.1f} | {r['eff_wall']:.3f} | "
+              f"{r['per_cpu'] / 1e9:.1f} | {r['machine_cpu'] / 1e9:.1f} | {r['eff']:.3f} | {r['mem']:.2f} |")
     if profile is not None:
         print()
         print(f"Profile of one step, rank 0, {prof_name} ({profile['step_s']:.2f} s wall under the profiler): "
