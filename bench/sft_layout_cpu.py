@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> int:
     import torch
+    from _sft_trainer_rank import records_of_row
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from _sft_trainer_rank import records_of_row
     from launcher.models.tokenizer import load_tokenizer
     from launcher.worker.data import Rows, SampleOrder, build_packed
 
