@@ -34,36 +34,23 @@ def peak_rss_bytes() -> int:
     return 0
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    run_dir, out = Path(args[0]), Path(args[1])
-
-    import torch
-    import torch.distributed as dist
+def trainer_arguments(cfg, ds: dict, ds_path: Path, output_dir: Path):
+    """TrainingArguments read from the rendered DeepSpeed JSON (transformers checks they agree with it), after
+    setting up accelerate's distributed state for DeepSpeed on CPU ranks (see below). Also used by
+    bench/_sft_trainer_rank.py."""
     from accelerate import PartialState
-    from omegaconf import OmegaConf
-    from torch.utils.data import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    from launcher.models.tokenizer import load_tokenizer
-    from launcher.worker.data import Rows, SampleOrder, build_packed
-    from launcher.worker.model import build_model
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    ds_path = run_dir / "ds_config.json"
-    ds = json.loads(ds_path.read_text())
     opt, sched = ds["optimizer"]["params"], ds["scheduler"]["params"]
-    max_steps = int(cfg.train.max_steps)
-
     # accelerate 1.15 only sets up DeepSpeed's distributed state when it finds a GPU-type backend: on CPU ranks
     # TrainingArguments sees a world of 1 (transformers then rejects the JSON's train_batch_size as a
     # mismatch), and use_cpu=True turns DeepSpeed off altogether. Hand it the state explicitly: DeepSpeed's
     # init_distributed on gloo, the backend DS_ACCELERATOR=cpu gives the launcher's ranks too.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
-    targs = TrainingArguments(
+    return TrainingArguments(
         accelerator_config={"use_configured_state": True},
-        output_dir=str(run_dir / "hf_trainer"),
+        output_dir=str(output_dir),
         deepspeed=str(ds_path),
         per_device_train_batch_size=ds["train_micro_batch_size_per_gpu"],
         gradient_accumulation_steps=ds["gradient_accumulation_steps"],
@@ -74,7 +61,7 @@ def main() -> None:
         adam_epsilon=opt["eps"],
         max_grad_norm=ds["gradient_clipping"],
         warmup_steps=sched["warmup_num_steps"],
-        max_steps=max_steps,
+        max_steps=int(cfg.train.max_steps),
         bf16="bf16" in ds and ds["bf16"]["enabled"],
         fp16="fp16" in ds and ds["fp16"]["enabled"],
         seed=int(cfg.seed),
@@ -88,6 +75,28 @@ def main() -> None:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    run_dir, out = Path(args[0]), Path(args[1])
+
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainerCallback
+
+    from launcher.models.tokenizer import load_tokenizer
+    from launcher.worker.data import Rows, SampleOrder, build_packed
+    from launcher.worker.model import build_model
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ds_path = run_dir / "ds_config.json"
+    ds = json.loads(ds_path.read_text())
+    max_steps = int(cfg.train.max_steps)
+
+    targs = trainer_arguments(cfg, ds, ds_path, run_dir / "hf_trainer")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
 

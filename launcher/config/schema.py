@@ -212,6 +212,8 @@ class MonitorConfig:
     wandb: bool = False
     csv: bool = False
     wandb_project: str = "launcher"
+    # DeepSpeed's wall_clock_breakdown and throughput timer (it syncs the device every micro batch).
+    deepspeed_timers: bool = False
 
 
 @dataclass

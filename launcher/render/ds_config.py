@@ -26,7 +26,11 @@ def build_ds_config(cfg: DictConfig, topo: Topology) -> Dict[str, Any]:
         # Always explicit: DeepSpeed 0.19 silently clips at 1.0 when the key is absent.
         "gradient_clipping": float(cfg.train.grad_clip),
         "steps_per_print": STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device before and after every micro batch (a host
+        # stall per step on GPUs); metrics.jsonl times every step without it. Off unless monitor.deepspeed_timers.
+        "wall_clock_breakdown": bool(cfg.monitor.deepspeed_timers),
+        "timers": {"throughput": {"enabled": bool(cfg.monitor.deepspeed_timers),
+                                  "synchronized": bool(cfg.monitor.deepspeed_timers)}},
         "optimizer": _optimizer(cfg, topo),
         "scheduler": _scheduler(cfg),
         "zero_optimization": _zero(cfg),
