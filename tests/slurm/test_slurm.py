@@ -250,3 +250,24 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_resubmit_on_fewer_nodes_converts_the_checkpoint(slurm_netns: Cluster, tmp_path: Path) -> None:
+    """A run saved on 2 nodes x 1 rank, resubmitted with --nodes=1: the job entry converts the checkpoint to
+    the universal format on its allocation before srun starts a rank, and the run continues on 1 rank."""
+    first = slurm_netns.sbatch_wait(
+        ["--nodes=2", "--cpus-per-task=1", str(TRAIN_SBATCH), "train.max_steps=10", "train.save_every=10",
+         "hardware.cpu_ranks=1", "name=world-change"], tmp_path)
+    _assert_ok(first)
+    second = slurm_netns.sbatch_wait(
+        ["--nodes=1", "--cpus-per-task=1", str(TRAIN_SBATCH), "train.max_steps=20", "train.save_every=10",
+         "hardware.cpu_ranks=1", "name=world-change"], tmp_path)
+    _report("resubmitted on 1 of 2 nodes", second)
+    _assert_ok(second)
+    log = second.text()
+    assert "checkpoint step_00000010 was saved on 2 rank(s), this launch has 1" in log, log[-3000:]
+    assert "converted step_00000010 (2 ranks) to step_00000010_universal for 1 ranks" in log
+    assert "resuming at step 10" in log and "4 micro x 2 accum x 1" in log
+    run_dir = tmp_path / "runs" / "world-change"
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 21))
+    assert not list((run_dir / "checkpoints").glob("*_universal"))
