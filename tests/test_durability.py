@@ -34,7 +34,7 @@ class FakeEngine:
     def gradient_accumulation_steps(self):
         return 2
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
         Path(save_dir, tag, "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
 
