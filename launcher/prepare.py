@@ -168,6 +168,7 @@ def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: b
     from launcher.data import cache_complete, cache_path, prepare_cache
     from launcher.data.cache import cache_root, check_shared
     from launcher.data.records import DataError
+    from launcher.models.tokenizer import TokenizerError
 
     try:
         check_shared(cache_root(cfg, run_dir), topo.nodes)
@@ -179,7 +180,7 @@ def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: b
                 "tokenize; submit with `python -m launcher` (it prepares before sbatch) or run "
                 "`python -m launcher.data <same overrides>` on a host that sees data.cache_dir first")
         return [f"data: prepared {prepare_cache(cfg, run_dir)}"]
-    except DataError as exc:
+    except (DataError, TokenizerError) as exc:
         key, _, message = str(exc).partition(": ")
         raise ConfigError(key, message) from None
 

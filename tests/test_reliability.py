@@ -145,8 +145,8 @@ def test_dead_ranks_leave_status_failed(tmp_path):
 
 
 def test_tokenizer_that_cannot_load_is_one_line_exit_2(tmp_path):
-    """A model dir whose tokenizer is corrupt: every rank fails alike; rank 0 says so in one line (no traceback,
-    no SystemExit on every rank), status.json = failed with that message, exit code 2."""
+    """A model dir whose tokenizer is corrupt: the launcher, which prepares the data before any rank starts, says
+    so in one line (no traceback), exit code 2, and writes nothing into the run dir."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({
@@ -158,10 +158,10 @@ def test_tokenizer_that_cannot_load_is_one_line_exit_2(tmp_path):
     res = run_cli([f"hydra.run.dir={run_dir}", f"model.path={model}", "train.max_steps=2"])
     out = res.stdout + res.stderr
     assert res.returncode == 2, out[-3000:]
-    st = status(run_dir)
-    assert st["state"] == "failed" and st["message"].startswith(f"model.path: cannot load a tokenizer from {model}")
-    assert "Traceback" not in out and out.count("error: model.path: cannot load a tokenizer") == 1
-    assert "launch failed (model.path: cannot load a tokenizer" in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.path: cannot load a tokenizer"), res.stderr
+    assert f"error: model.path: cannot load a tokenizer from {model}" in res.stderr and "Traceback" not in out
+    assert not (run_dir / "status.json").exists() and not (run_dir / "logs").exists()  # no rank started
 
 
 def test_terminal_closed_stops_like_ctrl_c(tmp_path):
