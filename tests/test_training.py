@@ -60,7 +60,7 @@ def test_default_run_trains_then_resumes(tmp_path):
     # The closing comparison, one line per rank: the plan recorded in run.json vs the lifetime peak RSS.
     closing = [line for line in res.stdout.splitlines() if line.startswith("memory: rank ")]
     assert [line.split(" planned")[0] for line in closing] == ["memory: rank 0", "memory: rank 1"], res.stdout
-    planned = json.loads((run_dir / "run.json").read_text())["plan"]["expect_gib"]["rss"]
+    planned = json.loads((run_dir / "run.json").read_text())["launches"][-1]["plan"]["expect_gib"]["rss"]
     assert f"planned {planned:.2f} GiB" in closing[0]
     assert all(r["mem_train_peak_gb"] <= r["mem_peak_gb"] for r in rows)
 
