@@ -41,12 +41,12 @@ if os.environ.get("LAUNCHER_STATE_PROBE") and os.environ.get("LOCAL_RANK") is no
 
     _save, _load, _write, _received = ckpt.save, ckpt.load, metrics.MetricsLog.write, signals.received
 
-    def save(engine, ckpt_dir, step, client_state, keep_last):
+    def save(engine, ckpt_dir, step, *args, **kwargs):
         _dump(engine, f"saved_{step}")
-        return _save(engine, ckpt_dir, step, client_state, keep_last)
+        return _save(engine, ckpt_dir, step, *args, **kwargs)
 
-    def load(engine, ckpt_dir):
-        client = _load(engine, ckpt_dir)
+    def load(engine, ckpt_dir, *args, **kwargs):
+        client = _load(engine, ckpt_dir, *args, **kwargs)
         if client is not None:
             _dump(engine, f"loaded_{client['step']}")
         return client
