@@ -276,7 +276,7 @@ def test_local_model_and_data_under_zero3(tmp_path):
     assert "starting: 820,352 params" in res.stdout
     first = metrics(run_dir)[0]["loss"]
 
-    rows = Rows(str(next((run_dir / "cache").glob("packed-*"))))
+    rows = Rows(str(next(p for p in (run_dir / "cache").glob("packed-*") if p.is_dir())))  # not the .lock
     order = SampleOrder(len(rows), 1234)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():  # the global batch (positions 0..7 on both ranks): token-loss sum / target tokens
