@@ -16,13 +16,15 @@ AT_FDCWD = -100
 
 
 def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (also used for checkpoints: launcher.worker.ckpt)."""
     for dirpath, _, names in os.walk(root):
         for name in names:
-            _fsync(os.path.join(dirpath, name))
-        _fsync(dirpath)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: "str | Path") -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,4 +60,4 @@ def replace_dir(tmp: Path, out: Path) -> None:
             os.rename(old, out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(str(out.parent))
+    fsync_path(out.parent)

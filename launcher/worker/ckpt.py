@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from launcher.export.swap import fsync_path, fsync_tree
 from launcher.worker import comm
 
 LATEST = "latest"
@@ -45,22 +46,6 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
         return tag
     done = complete_tags(ckpt_dir)
     return done[-1] if done else None
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def incomplete_tags(ckpt_dir: Path) -> List[str]:
@@ -100,7 +85,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: Dict[str, Any], k
     slow = float(os.environ.get(SLOW_SAVE_ENV, "0"))
     if slow:
         time.sleep(slow)
-    _fsync_tree(ckpt_dir / tag)  # this rank's files (and, harmlessly, its peers' on a shared filesystem)
+    fsync_tree(ckpt_dir / tag)  # this rank's files (and, harmlessly, its peers' on a shared filesystem)
     comm.barrier()  # every rank's shards and RNG files are on disk
     if rank == 0:
         _write_durable(ckpt_dir / tag / INFO, json.dumps(checkpoint_info(engine, step), indent=1) + "\n")
