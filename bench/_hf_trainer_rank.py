@@ -117,6 +117,9 @@ def main() -> None:
 
     model, keep_alive = build_model(cfg, ds, rank)
     model.train()
+    # What a Trainer user runs: transformers' sdpa (block-diagonal mask over the whole row), not the record-by-record
+    # SDPA the launcher's CPU ranks load for model.attn_implementation=sdpa (launcher/worker/attention.py).
+    model.set_attn_implementation("sdpa")
 
     stamps: list = []
     losses: list = []

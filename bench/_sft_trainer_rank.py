@@ -93,6 +93,9 @@ def main() -> None:
         raise SystemExit(f"mode must be padded or flatten, not {mode}")
 
     model, keep_alive = build_model(cfg, ds, rank)  # use_cache=False already (launcher.worker.model)
+    # What a Trainer user runs: transformers' sdpa (block-diagonal mask over the whole row), not the record-by-record
+    # SDPA the launcher's CPU ranks load for model.attn_implementation=sdpa (launcher/worker/attention.py).
+    model.set_attn_implementation("sdpa")
     assert model.config.use_cache is False
     model.train()
 

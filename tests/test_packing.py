@@ -20,6 +20,8 @@ VOCAB, SEQ = 96, 48
 def tiny(kind: str, attn: str):
     from transformers import AutoModelForCausalLM
 
+    import launcher.worker.attention  # noqa: F401  (registers packed_sdpa, what CPU ranks run for sdpa)
+
     config = config_for(kind, dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ))
     config._attn_implementation = attn
@@ -43,7 +45,7 @@ def loss_sum(logits, labels):
 
 
 @pytest.mark.parametrize("kind,attn", [("qwen2", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
-                                       ("gemma2", "eager")])
+                                       ("gemma2", "eager"), ("llama", "packed_sdpa"), ("qwen2", "packed_sdpa")])
 def test_packed_row_equals_each_record_alone(kind, attn):
     model = tiny(kind, attn)
     recs = records()
@@ -66,6 +68,29 @@ def test_packed_row_equals_each_record_alone(kind, attn):
         at += n
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_sdpa_equals_masked_sdpa_on_a_micro_batch_of_rows():
+    """Two packed rows (records cut at different places): CPU ranks' record-by-record SDPA gives transformers'
+    block-diagonal-mask sdpa logits and gradients; and the launcher picks it for `sdpa` on CPU only."""
+    from launcher.worker.attention import PACKED_SDPA, resolve
+
+    assert resolve("sdpa", "cpu") == PACKED_SDPA and resolve("sdpa", "cuda") == "sdpa"
+    assert resolve("eager", "cpu") == "eager" and resolve("flash_attention_2", "cuda") == "flash_attention_2"
+    packed = pack_fit(records(0) + records(1)[::-1] + records(2)[:1], SEQ, pad_id=0)
+    assert len(packed) == 2
+    ids, pos = torch.from_numpy(packed.input_ids), torch.from_numpy(packed.position_ids)
+    labels = torch.from_numpy(np.where(packed.loss_mask == 1, packed.input_ids, -100))
+    results = []
+    for attn in ("sdpa", PACKED_SDPA):
+        model = tiny("llama", attn)
+        out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        loss_sum(out, labels).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (masked, masked_grads), (per_record, grads) = results
+    torch.testing.assert_close(per_record, masked, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_what_undoes_the_separation():

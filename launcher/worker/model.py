@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from launcher.models.hf_config import INIT_STD, llama_config
+from launcher.worker import attention
 from launcher.worker.status import EXIT_USER_ERROR, StopRun
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,6 +61,7 @@ def build_model(
 ) -> Tuple[PreTrainedModel, Optional[object]]:
     """Returns (model, keep_alive). keep_alive must outlive training when it is an HfDeepSpeedConfig."""
     zero3 = cfg.zero.stage == 3
+    attn = attention.resolve(str(cfg.model.attn_implementation), _device_type())
     if cfg.model.path is not None:
         keep_alive = None
         if zero3:
@@ -74,7 +76,7 @@ def build_model(
             # trust_remote_code stays off: remote-code models are refused at launch (launcher.config.arch).
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.model.path, local_files_only=True, dtype=DTYPES[cfg.precision.name],
-                attn_implementation=cfg.model.attn_implementation, trust_remote_code=False,
+                attn_implementation=attn, trust_remote_code=False,
             )
         except (ValueError, OSError, ImportError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -83,6 +85,7 @@ def build_model(
         model.config.use_cache = False
         return model, keep_alive
     config = llama_config(cfg.model)
+    config._attn_implementation = attn
     if zero3:
         import deepspeed
 
@@ -93,6 +96,12 @@ def build_model(
         model = LlamaForCausalLM(config)
     init_weights(model, cfg.seed, zero3, rank)
     return model, None
+
+
+def _device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> Tuple[int, int]:
