@@ -34,7 +34,7 @@ def peak_rss_bytes() -> int:
     return 0
 
 
-def trainer_arguments(cfg, ds: dict, ds_path: Path, output_dir: Path):
+def trainer_arguments(cfg, ds: dict, ds_path: Path, output_dir: Path, checkpointing: bool = False):
     """TrainingArguments read from the rendered DeepSpeed JSON (transformers checks they agree with it), after
     setting up accelerate's distributed state for DeepSpeed on CPU ranks (see below). Also used by
     bench/_sft_trainer_rank.py."""
@@ -74,6 +74,9 @@ def trainer_arguments(cfg, ds: dict, ds_path: Path, output_dir: Path):
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Activation checkpointing the way a Trainer user turns it on (transformers' own, non-reentrant).
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
 
 
@@ -96,7 +99,9 @@ def main() -> None:
     ds = json.loads(ds_path.read_text())
     max_steps = int(cfg.train.max_steps)
 
-    targs = trainer_arguments(cfg, ds, ds_path, run_dir / "hf_trainer")
+    lora = str(cfg.get("adapter", {}).get("name", "none")) == "lora"
+    targs = trainer_arguments(cfg, ds, ds_path, run_dir / "hf_trainer",
+                              checkpointing=lora and bool(cfg.activation_checkpointing.enabled))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
 
@@ -120,6 +125,15 @@ def main() -> None:
     # What a Trainer user runs: transformers' sdpa (block-diagonal mask over the whole row), not the record-by-record
     # SDPA the launcher's CPU ranks load for model.attn_implementation=sdpa (launcher/worker/attention.py).
     model.set_attn_implementation("sdpa")
+    if lora:
+        # bench/compare_lora.py: PEFT's get_peft_model with the launcher's LoraConfig (launcher.models.lora), the
+        # adapters initialised from the same seed as the launcher's (launcher.worker.adapters.lora.apply).
+        from peft import get_peft_model
+
+        from launcher.models.lora import lora_config
+
+        torch.manual_seed(int(cfg.seed))
+        model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
 
     stamps: list = []
     losses: list = []

@@ -67,19 +67,11 @@ def run(cmd: list, cwd: Path, env: dict, log: Path, timeout: float = 900) -> Non
         sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every run")
-    parser.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir, removed after)")
-    parser.add_argument("overrides", nargs="*", help="launcher overrides replacing the default model/batch")
-    args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_hf_"))
-    work.mkdir(parents=True, exist_ok=True)
-    overrides = (args.overrides or DEFAULT_OVERRIDES) + [
-        f"train.max_steps={args.steps}", "train.log_every=1", f"data.cache_dir={work / 'cache'}"]
-
+def measure(overrides: list, work: Path, runs: int, steps: int, warmup: int, label: str = "") -> dict:
+    """Render the run, build its packed rows once, then alternate launcher and Trainer launches (`runs` each).
+    Returns per-run step times, memory and losses of both sides plus what the table needs. Also used by
+    bench/compare_lora.py (adapter=lora overrides: the Trainer side then wraps the model with PEFT)."""
+    overrides = overrides + [f"train.max_steps={steps}", "train.log_every=1", f"data.cache_dir={work / 'cache'}"]
     base = dict(os.environ, PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=str(private_extensions_dir()))
     render = work / "rendered"
     render_run(overrides, render, base)
@@ -93,19 +85,18 @@ def main() -> int:
     ds = json.loads((render / "ds_config.json").read_text())
     build_packed(cfg, load_tokenizer(cfg.model.path), cfg.data.cache_dir)  # shared by both, untimed
     env_b = launch_env(render, base)
-    tokens_per_step = ds["train_batch_size"] * int(cfg.train.seq_len)
     deepspeed = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(cfg.hardware.cpu_ranks)]
 
     ours, hf, loads, loss_diffs = [], [], [], []
-    for i in range(args.runs):
+    for i in range(runs):
         run_dir = work / f"ours_{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         loads.append(os.getloadavg()[0])
         run([PY, "-m", "launcher", *overrides, f"hydra.run.dir={run_dir}"], REPO, base, work / f"ours_{i}.log")
         remove_shm_buffers(launch_port(run_dir))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == list(range(1, args.steps + 1)), "expected one metrics line per step"
-        steady = [r["step_time_s"] for r in rows[args.warmup:]]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)), "expected one metrics line per step"
+        steady = [r["step_time_s"] for r in rows[warmup:]]
         ours.append({"step": statistics.median(steady), "fastest": min(steady),
                      "mem": rows[-1]["mem_peak_gb"], "losses": [r["loss"] for r in rows]})
 
@@ -118,45 +109,70 @@ def main() -> int:
         remove_shm_buffers(port)
         result = json.loads(out.read_text())
         stamps = result["stamps"]
-        assert len(stamps) == args.steps + 1, "expected a timestamp per step"
+        assert len(stamps) == steps + 1, "expected a timestamp per step"
         times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-        hf.append({"step": statistics.median(times[args.warmup:]), "fastest": min(times[args.warmup:]),
+        hf.append({"step": statistics.median(times[warmup:]), "fastest": min(times[warmup:]),
                    "mem": max(result["peak_rss_per_rank"]) / 1e9,
                    "losses": result["losses"]})
         loss_diffs.append(max(abs(a - b) for a, b in zip(ours[-1]["losses"], hf[-1]["losses"], strict=True)))
-        print(f"round {i + 1}: launcher {ours[-1]['step']:.4f} s/step, Trainer {hf[-1]['step']:.4f} s/step "
+        print(f"{label}round {i + 1}: launcher {ours[-1]['step']:.4f} s/step, Trainer {hf[-1]['step']:.4f} s/step "
               f"(load {loads[-2]:.2f} / {loads[-1]:.2f}; max |loss diff| {loss_diffs[-1]:.1e})", flush=True)
-
-    def row(name: str, runs: list) -> tuple:
-        step = statistics.median(r["step"] for r in runs)
-        per_run = ", ".join(f"{tokens_per_step / r['step']:.0f}" for r in runs)
-        fastest = statistics.median(r["fastest"] for r in runs)
-        mem = statistics.median(r["mem"] for r in runs)
-        print(f"| {name} | {tokens_per_step / step:.0f} | {step:.4f} | {per_run} | {fastest:.4f} | {mem:.2f} |")
-        return tokens_per_step / step, fastest
-
     n_params = None
     for line in (work / "ours_0.log").read_text().splitlines():
         if "[launcher] starting:" in line:
-            n_params = line.split("starting:")[1].split(" params")[0].strip()
+            n_params = line.split("starting:")[1].split(" (")[0].strip()
+    return {"ours": ours, "hf": hf, "loads": loads, "loss_diffs": loss_diffs, "ds": ds, "cfg": cfg,
+            "n_params": n_params, "tokens_per_step": ds["train_batch_size"] * int(cfg.train.seq_len)}
+
+
+def table(m: dict, names: tuple, runs: int, steps: int, warmup: int) -> tuple:
+    """Prints the setup line and the markdown table; returns (our tokens/s / Trainer's, the same at each side's
+    fastest step)."""
+    ds, cfg, tokens_per_step = m["ds"], m["cfg"], m["tokens_per_step"]
+
+    def row(name: str, side: list) -> tuple:
+        step = statistics.median(r["step"] for r in side)
+        per_run = ", ".join(f"{tokens_per_step / r['step']:.0f}" for r in side)
+        fastest = statistics.median(r["fastest"] for r in side)
+        mem = statistics.median(r["mem"] for r in side)
+        print(f"| {name} | {tokens_per_step / step:.0f} | {step:.4f} | {per_run} | {fastest:.4f} | {mem:.2f} |")
+        return tokens_per_step / step, fastest
+
     print()
-    print(f"Training throughput, 2 CPU ranks, {n_params} parameters, ZeRO-{ds['zero_optimization']['stage']}, "
+    print(f"Training throughput, 2 CPU ranks, {m['n_params']} parameters, ZeRO-{ds['zero_optimization']['stage']}, "
           f"{'bf16' if 'bf16' in ds else 'fp16' if 'fp16' in ds else 'fp32'}, "
           f"{ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accum x 2 ranks x "
-          f"{cfg.train.seq_len} tokens = {tokens_per_step} tokens/step; steps {args.warmup + 1}-{args.steps} of "
-          f"each run, {args.runs} interleaved runs each; 1-min load avg during runs "
-          f"{min(loads):.2f}-{max(loads):.2f}; per-step losses of the two agree within {max(loss_diffs):.1e}")
+          f"{cfg.train.seq_len} tokens = {tokens_per_step} tokens/step; steps {warmup + 1}-{steps} of "
+          f"each run, {runs} interleaved runs each; 1-min load avg during runs "
+          f"{min(m['loads']):.2f}-{max(m['loads']):.2f}; per-step losses of the two agree within "
+          f"{max(m['loss_diffs']):.1e}")
     print()
     print("| trainer | tokens/s (median) | step time (s, median) | tokens/s per run | fastest step (s) | "
           "peak RSS per rank (GB) |")
     print("|---|---|---|---|---|---|")
-    a, a_fast = row("launcher (`python -m launcher`)", ours)
-    b, b_fast = row("transformers.Trainer + DeepSpeed", hf)
+    a, a_fast = row(names[0], m["ours"])
+    b, b_fast = row(names[1], m["hf"])
     print()
-    print(f"by fastest steps (our tokens/s / Trainer tokens/s at each side's fastest step): {b_fast / a_fast:.3f}")
+    return a / b, b_fast / a_fast
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every run")
+    parser.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir, removed after)")
+    parser.add_argument("overrides", nargs="*", help="launcher overrides replacing the default model/batch")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_hf_"))
+    work.mkdir(parents=True, exist_ok=True)
+    m = measure(args.overrides or DEFAULT_OVERRIDES, work, args.runs, args.steps, args.warmup)
+    ratio, fastest = table(m, ("launcher (`python -m launcher`)", "transformers.Trainer + DeepSpeed"), args.runs,
+                           args.steps, args.warmup)
+    print(f"by fastest steps (our tokens/s / Trainer tokens/s at each side's fastest step): {fastest:.3f}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"ratio {a / b:.3f}")
+    print(f"ratio {ratio:.3f}")
     return 0
 
 

@@ -107,11 +107,12 @@ def test_what_undoes_the_separation():
     assert not torch.allclose(good[:, second], cached[:, second], atol=1e-3)
 
 
-def test_planner_packed_attention_term_matches_saved_tensors():
+@pytest.mark.parametrize("attn,layout", [("sdpa", "masked"), ("packed_sdpa", "per_record")])
+def test_planner_packed_attention_term_matches_saved_tensors(attn, layout):
     from launcher.plan.memory import packed_attention_bytes
     from launcher.plan.params import ModelShape
 
-    model = tiny("llama", "sdpa")
+    model = tiny("llama", attn)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     micro = 2
 
@@ -133,7 +134,7 @@ def test_planner_packed_attention_term_matches_saved_tensors():
     extra = saved_bytes(position_ids=pos) - saved_bytes()
     shape = ModelShape(VOCAB, 64, 128, 2, 4, 2, False)
     # + RoPE's cos/sin per row instead of one shared copy (2 x (micro - 1) x SEQ x head_dim fp32).
-    assert extra == 2 * packed_attention_bytes(shape, micro, SEQ, 4) + 2 * (micro - 1) * SEQ * 16 * 4
+    assert extra == 2 * packed_attention_bytes(shape, micro, SEQ, 4, layout) + 2 * (micro - 1) * SEQ * 16 * 4
 
 
 class ArrayRows:

@@ -125,7 +125,7 @@ def rms_norm_bytes(tokens: int, hidden: int, ab: int) -> int:
     return tokens * (hidden * (4 + 2 * ab) + 4)
 
 
-def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int, packed: bool = False) -> int:
+def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int, packed: str = "") -> int:
     """Bytes one LlamaDecoderLayer saves for backward (HF, SDPA with native GQA, no dropout).
 
     Per token: 2 RMSNorms (rms_norm_bytes); attention: q after RoPE (h), k and v at GQA width (2 kv),
@@ -140,19 +140,37 @@ def layer_activation_bytes(shape: ModelShape, micro: int, seq: int, ab: int, pac
     norms = 2 * rms_norm_bytes(t, h, ab)
     attention = t * ab * (2 * shape.q_width + 2 * kv) + micro * shape.heads * seq * 4
     mlp = 4 * t * ab * inter
-    return norms + attention + mlp + (packed_attention_bytes(shape, micro, seq, ab) if packed else 0)
+    return norms + attention + mlp + packed_attention_bytes(shape, micro, seq, ab, packed)
 
 
-def packed_attention_bytes(shape: ModelShape, micro: int, seq: int, ab: int) -> int:
-    """Extra per layer when packed rows (restarting position_ids) meet sdpa/eager attention: transformers
-    builds a block-diagonal mask, which each layer saves (micro x seq x seq in the activation dtype), and
-    SDPA with a mask cannot take GQA k/v as they are, so HF repeats them to every head (k and v saved at
-    q width). Measured on CPU (tests/test_packing.py); flash attention's varlen path needs neither."""
-    return micro * seq * seq * ab + 2 * micro * seq * ab * (shape.q_width - shape.kv_width)
+def packed_attention_bytes(shape: ModelShape, micro: int, seq: int, ab: int, layout: str) -> int:
+    """Extra per layer for packed rows (restarting position_ids), by how attention keeps records apart:
+    - "masked" (sdpa/eager on GPUs): transformers builds a block-diagonal mask, which each layer saves
+      (micro x seq x seq in the activation dtype), and SDPA with a mask cannot take GQA k/v as they are, so
+      HF repeats them to every head (k and v saved at q width). Measured on CPU (tests/test_packing.py).
+    - "per_record" (sdpa on CPU ranks: launcher/worker/attention.py): no mask and native GQA, but each
+      record's SDPA output is saved and their concatenation is a second copy (o_proj's input): + q width.
+    - "" (flash attention's varlen path): neither."""
+    if layout == "masked":
+        return micro * seq * seq * ab + 2 * micro * seq * ab * (shape.q_width - shape.kv_width)
+    if layout == "per_record":
+        return micro * seq * ab * shape.q_width
+    return 0
+
+
+def attention_layout(cfg: DictConfig, accelerator: str) -> str:
+    """How the ranks attend within packed rows (see packed_attention_bytes); mirrors
+    launcher.worker.attention.resolve, which the ranks use."""
+    attn = str(cfg.model.get("attn_implementation", "sdpa"))
+    if attn.startswith("flash"):
+        return ""
+    if attn == "packed_sdpa" or (attn == "sdpa" and accelerator == "cpu"):
+        return "per_record"
+    return "masked"
 
 
 def activation_terms(shape: ModelShape, setup: Setup, micro: int, seq: int, ab: int,
-                     packed: bool = False) -> dict[str, int]:
+                     packed: str = "") -> dict[str, int]:
     """Activations at the peak (start of backward, or the recompute of the last checkpointed layer)."""
     t = micro * seq
     layer = layer_activation_bytes(shape, micro, seq, ab, packed)
@@ -190,8 +208,7 @@ def estimate_memory(cfg: DictConfig, topo: Topology, setup: Setup, micro_batch_s
     if adapters is not None:
         terms.update(lora.frozen_base_terms(cfg, topo.world_size, setup.zero_stage, setup.offload_params, counts,
                                             prec.param))
-    # Packed rows keep records apart through a mask unless attention is flash attention (varlen).
-    packed = not str(cfg.model.get("attn_implementation", "sdpa")).startswith("flash")
+    packed = attention_layout(cfg, topo.accelerator)
     terms.update(activation_terms(shape, setup, micro, int(cfg.train.seq_len), prec.activation, packed))
     if adapters is not None:
         n_kept = shape.layers - checkpointed_layers(shape.layers, setup.ac_every) + (1 if setup.ac_every else 0)
