@@ -120,7 +120,7 @@ def measure(overrides: list, work: Path, runs: int, steps: int, warmup: int, lab
     n_params = None
     for line in (work / "ours_0.log").read_text().splitlines():
         if "[launcher] starting:" in line:
-            n_params = line.split("starting:")[1].split(" (")[0].strip()
+            n_params = line.split("starting:")[1].split(" params")[0].strip()
     return {"ours": ours, "hf": hf, "loads": loads, "loss_diffs": loss_diffs, "ds": ds, "cfg": cfg,
             "n_params": n_params, "tokens_per_step": ds["train_batch_size"] * int(cfg.train.seq_len)}
 

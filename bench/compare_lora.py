@@ -33,16 +33,33 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compare_hf_trainer import measure, table
+from compare_hf_trainer import REPO, measure, table
 
-# 10.6M-parameter Llama (hidden 384, 6 layers, 6 heads, 2 KV heads, intermediate 1024, the built-in byte
-# vocabulary), seq 512, 2 micro x 1 accum x 2 ranks = 2,048 tokens per step; LoRA r 16 on all linear layers.
-DEFAULT_OVERRIDES = [
-    "model.hidden_size=384", "model.intermediate_size=1024", "model.num_hidden_layers=6",
-    "model.num_attention_heads=6", "model.num_key_value_heads=2", "model.max_position_embeddings=512",
-    "train.seq_len=512", "train.micro_batch_size=2", "train.global_batch_size=4",
-]
+# A 10.6M-parameter Llama (hidden 384, 6 layers, 6 heads, 2 KV heads, intermediate 1024, the built-in byte
+# vocabulary), saved once as a local HF dir (LoRA adapts pretrained weights: model.path is required); seq 512,
+# 2 micro x 1 accum x 2 ranks = 2,048 tokens per step; LoRA r 16 on all linear layers of the decoder.
+MODEL = {"attn_implementation": "sdpa", "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+         "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 512}
+DEFAULT_OVERRIDES = ["train.seq_len=512", "train.micro_batch_size=2", "train.global_batch_size=4"]
 LORA = ["adapter=lora", "adapter.dropout=0.0", "activation_checkpointing=full"]
+
+
+def save_base_model(model_dir: Path) -> None:
+    """The base model as a user has it after downloading one: weights + tokenizer in a local dir."""
+    if (model_dir / "config.json").is_file():
+        return
+    sys.path.insert(0, str(REPO))
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import LlamaForCausalLM
+
+    from launcher.models.hf_config import llama_config
+    from launcher.models.tokenizer import byte_tokenizer
+
+    model_cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/model/tiny_llama.yaml"), MODEL)
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(model_cfg)).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
 
 
 def main() -> int:
@@ -55,11 +72,14 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="launcher overrides replacing the default model/batch")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "base_model"
+    save_base_model(model_dir)
     ratios = []
     for stage in args.stages.split(","):
         stage_dir = work / f"zero{stage}"
         stage_dir.mkdir(parents=True, exist_ok=True)
-        overrides = (args.overrides or DEFAULT_OVERRIDES) + LORA + [f"zero=stage{stage}"]
+        overrides = [f"model.path={model_dir}"] + (args.overrides or DEFAULT_OVERRIDES) + LORA + [f"zero=stage{stage}"]
         m = measure(overrides, stage_dir, args.runs, args.steps, args.warmup, label=f"ZeRO-{stage} ")
         ratio, fastest = table(m, (f"launcher LoRA, ZeRO-{stage} + activation checkpointing",
                                    f"Trainer + PEFT, ZeRO-{stage} + gradient checkpointing"),

@@ -222,6 +222,90 @@ def row(r: Dict[str, Any]) -> str:
             f"{r['main_maxrss_mb']:,.0f} | {r['load']:.1f} |")
 
 
+# ---- training on the prepared shards (--train) ----
+
+TRAIN_MODEL = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1}
+
+
+def save_train_model(tok_dir: Path, model_dir: Path, vocab: int) -> None:
+    """A tiny Llama over the bench's 32k tokenizer, saved as a local HF dir (model.path) with that tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (model_dir / "config.json").is_file():
+        return
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=SEQ, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **TRAIN_MODEL)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+
+def launcher_cmd(module: str, overrides: List[str]) -> List[str]:
+    return [sys.executable, "-m", module, *overrides]
+
+
+def run_tree(cmd: List[str], log: Path) -> Dict[str, Any]:
+    """Runs cmd (output to log) sampling the RSS of its process tree; seconds and peak tree RSS."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_mb(proc.pid))
+            time.sleep(0.1)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_tree_rss_mb": peak}
+
+
+def losses(run_dir: Path) -> Dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def train_on_shards(work: Path, corpus: Path, tok_dir: Path, vocab: int, num_proc: int, steps: int) -> None:
+    """The user's path end to end: `python -m launcher.data` prepares the corpus into shards (RSS of the whole
+    tree sampled), then 2 CPU ranks train on them three times: A uninterrupted to `steps`; B stopped at
+    steps // 2 (mid-epoch: a few rows of a corpus-sized epoch) and resumed to `steps`. B's resumed steps must
+    see the same batches as A's, which shows as bitwise-equal per-step losses."""
+    model_dir = work / "train_model"
+    save_train_model(tok_dir, model_dir, vocab)
+    cache = work / "launch_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    base = [f"model.path={model_dir}", f"data.path={corpus}", "data.format=text", f"data.cache_dir={cache}",
+            f"data.num_proc={num_proc}", f"train.seq_len={SEQ}", "train.micro_batch_size=1",
+            "train.global_batch_size=2", "train.log_every=1", "zero=stage2"]
+    prep = run_tree(launcher_cmd("launcher.data", base), work / "prepare.log")
+    summary = [ln for ln in (work / "prepare.log").read_text().splitlines() if "rows" in ln][-1:]
+    print(f"python -m launcher.data: {prep['seconds']:.0f} s, peak RSS of the tree {prep['peak_tree_rss_mb']:,.0f} MB; "
+          f"{' '.join(summary)}", flush=True)
+    half = steps // 2
+    runs = {"A": [(steps, work / "run_a")], "B": [(half, work / "run_b"), (steps, work / "run_b")]}
+    for name, legs in runs.items():
+        shutil.rmtree(legs[0][1], ignore_errors=True)
+        for n, run_dir in legs:
+            r = run_tree(launcher_cmd("launcher", base + [f"train.max_steps={n}", f"train.save_every={half}",
+                                                           f"hydra.run.dir={run_dir}"]), work / f"train_{name}_{n}.log")
+            reused = "data: reusing" in (work / f"train_{name}_{n}.log").read_text()
+            print(f"run {name} to step {n}: {r['seconds']:.0f} s, peak RSS of the launch tree "
+                  f"{r['peak_tree_rss_mb']:,.0f} MB (data reused, not re-tokenized: {reused})", flush=True)
+            if not reused:
+                raise SystemExit("the launch re-prepared the data instead of reusing launcher.data's cache")
+    a, b = losses(work / "run_a"), losses(work / "run_b")
+    from launcher.data.store import Rows
+
+    rows = len(Rows(next(p.parent for p in cache.rglob("meta.json"))))
+    diff = max(abs(a[s] - b[s]) for s in range(half + 1, steps + 1))
+    print(f"resumed at step {half} of {steps} (sample {half * 2} of an epoch of {rows:,} rows): steps "
+          f"{half + 1}-{steps} losses A {[round(a[s], 5) for s in range(half + 1, steps + 1)]}, "
+          f"B {[round(b[s], 5) for s in range(half + 1, steps + 1)]}; max |A - B| {diff:.1e}", flush=True)
+    if diff != 0.0:
+        raise SystemExit("the resumed run did not see the same batches as the uninterrupted one")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0)
@@ -230,6 +314,9 @@ def main() -> None:
     ap.add_argument("--legacy-mb", type=float, default=50.0, help="0: skip today's in-memory pipeline")
     ap.add_argument("--sides", default="ours,baseline")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--train", type=int, default=0, metavar="STEPS",
+                    help="then prepare with `python -m launcher.data` and train 2 CPU ranks on the shards for STEPS "
+                         "steps, uninterrupted and resumed at STEPS // 2 (same batches check)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tok-dir", default=None, help=argparse.SUPPRESS)
@@ -277,6 +364,8 @@ def main() -> None:
             print(row(r), flush=True)
     top = max(r["num_proc"] for r in results)
     rate = {r["side"]: r["tokens"] / r["seconds"] for r in results if r["num_proc"] == top}
+    if args.train:
+        train_on_shards(work, corpus, tok_dir, args.vocab, top, args.train)
     if "ours" in rate and "baseline" in rate:
         print(f"ratio {rate['ours'] / rate['baseline']:.2f}")
     if not args.workdir:
