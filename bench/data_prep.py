@@ -277,7 +277,9 @@ def train_on_shards(work: Path, corpus: Path, tok_dir: Path, vocab: int, num_pro
     shutil.rmtree(cache, ignore_errors=True)
     base = [f"model.path={model_dir}", f"data.path={corpus}", "data.format=text", f"data.cache_dir={cache}",
             f"data.num_proc={num_proc}", f"train.seq_len={SEQ}", "train.micro_batch_size=1",
-            "train.global_batch_size=2", "train.log_every=1", "zero=stage2"]
+            "train.global_batch_size=2", "train.log_every=1", "zero=stage2",
+            # A constant LR: the cosine schedule follows train.max_steps, which differs between B's two legs.
+            "train.schedule=constant", "train.warmup_steps=0"]
     prep = run_tree(launcher_cmd("launcher.data", base), work / "prepare.log")
     summary = [ln for ln in (work / "prepare.log").read_text().splitlines() if "rows" in ln][-1:]
     print(f"python -m launcher.data: {prep['seconds']:.0f} s, peak RSS of the tree {prep['peak_tree_rss_mb']:,.0f} MB; "
