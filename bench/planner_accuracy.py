@@ -90,7 +90,7 @@ def run_point(point: dict, steps: int, scratch: Path) -> dict:
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         return {"name": point["name"], "error": (res.stdout + res.stderr)[-1500:], "seconds": seconds}
-    plan = json.loads((run_dir / "run.json").read_text())["plan"]
+    plan = json.loads((run_dir / "run.json").read_text())["launches"][-1]["plan"]  # this launch's plan
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     measured = last["mem_peak_gb"] * 1e9 / GIB
     return {
