@@ -109,7 +109,7 @@ def test_what_undoes_the_separation():
 
 @pytest.mark.parametrize("attn,layout", [("sdpa", "masked"), ("packed_sdpa", "per_record")])
 def test_planner_packed_attention_term_matches_saved_tensors(attn, layout):
-    from launcher.plan.memory import packed_attention_bytes
+    from launcher.plan.activations import packed_attention_bytes
     from launcher.plan.params import ModelShape
 
     model = tiny("llama", attn)
