@@ -75,8 +75,10 @@ def test_packed_sdpa_equals_masked_sdpa_on_a_micro_batch_of_rows():
     block-diagonal-mask sdpa logits and gradients; and the launcher picks it for `sdpa` on CPU only."""
     from launcher.worker.attention import PACKED_SDPA, resolve
 
-    assert resolve("sdpa", "cpu") == PACKED_SDPA and resolve("sdpa", "cuda") == "sdpa"
-    assert resolve("eager", "cpu") == "eager" and resolve("flash_attention_2", "cuda") == "flash_attention_2"
+    assert resolve("sdpa", "cpu", "fp32") == PACKED_SDPA and resolve("sdpa", "cuda", "fp32") == "sdpa"
+    assert resolve("sdpa", "cpu", "bf16") == "sdpa"  # the reduced-precision CPU kernel keeps a kernel per shape
+    assert resolve("eager", "cpu", "fp32") == "eager"
+    assert resolve("flash_attention_2", "cuda", "bf16") == "flash_attention_2"
     packed = pack_fit(records(0) + records(1)[::-1] + records(2)[:1], SEQ, pad_id=0)
     assert len(packed) == 2
     ids, pos = torch.from_numpy(packed.input_ids), torch.from_numpy(packed.position_ids)

@@ -72,7 +72,7 @@ def attention_layout(cfg: DictConfig, accelerator: str) -> str:
     attn = str(cfg.model.get("attn_implementation", "sdpa"))
     if attn.startswith("flash"):
         return ""
-    if attn == "packed_sdpa" or (attn == "sdpa" and accelerator == "cpu"):
+    if attn == "packed_sdpa" or (attn == "sdpa" and accelerator == "cpu" and str(cfg.precision.name) == "fp32"):
         return "per_record"
     return "masked"
 

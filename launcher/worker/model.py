@@ -61,7 +61,7 @@ def build_model(
 ) -> Tuple[PreTrainedModel, Optional[object]]:
     """Returns (model, keep_alive). keep_alive must outlive training when it is an HfDeepSpeedConfig."""
     zero3 = cfg.zero.stage == 3
-    attn = attention.resolve(str(cfg.model.attn_implementation), _device_type())
+    attn = attention.resolve(str(cfg.model.attn_implementation), _device_type(), str(cfg.precision.name))
     if cfg.model.path is not None:
         keep_alive = None
         if zero3:
