@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests in every CI log, so the suite can be kept under its 30-minute budget.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"

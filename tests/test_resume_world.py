@@ -53,11 +53,13 @@ def assert_state_equal(saved: Path, loaded: Path, step: int) -> None:
     assert b["global_steps"] == a["global_steps"] == step
 
 
+# ZeRO-1 and ZeRO-2 share DeepSpeed's optimizer (stage_1_and_2.py) and its universal conversion
+# (ds_to_universal --inject_missing_state); ZeRO-2 with CPU offload covers that path and more. A plain ZeRO-1
+# case was dropped to keep the suite under its 30-minute budget (it passed in every run while it was here).
 @pytest.mark.parametrize("zero,extra", [
-    ("stage1", []),
     ("stage2", ["offload=cpu"]),
     ("stage3", ["precision=bf16"]),
-], ids=["zero1", "zero2-offload", "zero3-bf16"])
+], ids=["zero2-offload", "zero3-bf16"])
 def test_resume_on_another_world_size(zero, extra, tmp_path):
     opts = [f"zero={zero}", *extra]
     ref, split, probe = tmp_path / "ref", tmp_path / "split", tmp_path / "probe"
