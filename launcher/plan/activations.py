@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from launcher.models.attention import PACKED_SDPA, resolve
 from launcher.plan.params import ModelShape
 
 # Cross-entropy on the logits (HF ForCausalLMLoss): logits.float() (fp32 copy) -> log_softmax (fp32,
@@ -67,14 +68,12 @@ def packed_attention_bytes(shape: ModelShape, micro: int, seq: int, ab: int, lay
 
 
 def attention_layout(cfg: DictConfig, accelerator: str) -> str:
-    """How the ranks attend within packed rows (see packed_attention_bytes); mirrors
-    launcher.worker.attention.resolve, which the ranks use."""
-    attn = str(cfg.model.get("attn_implementation", "sdpa"))
+    """How the ranks attend within packed rows (see packed_attention_bytes), by the rule the ranks use
+    (launcher.models.attention.resolve)."""
+    attn = resolve(str(cfg.model.get("attn_implementation", "sdpa")), accelerator, str(cfg.precision.name))
     if attn.startswith("flash"):
         return ""
-    if attn == "packed_sdpa" or (attn == "sdpa" and accelerator == "cpu" and str(cfg.precision.name) == "fp32"):
-        return "per_record"
-    return "masked"
+    return "per_record" if attn == PACKED_SDPA else "masked"
 
 
 def activation_terms(shape: ModelShape, setup: Any, micro: int, seq: int, ab: int,

@@ -9,10 +9,10 @@ alone: sum(len_i^2) work, the same function (the mask only ever zeroed cross-rec
 compare_sft model (10M Llama, seq 1024, ~6 records a row), forward + backward CPU time -27%, losses equal to
 printed precision (bench/compare_sft.py, docs/benchmarks.md).
 
-Why fp32 CPU ranks only: in bf16/fp16 the CPU kernel keeps memory per record length (see resolve()). On GPUs,
-cutting the row needs the record boundaries on the host, one device sync per forward; flash_attention_2 is
-the GPU answer. The boundaries are computed once per forward (all layers receive the same position_ids
-tensor) and, on CPU, cost no sync.
+Why fp32 CPU ranks only: in bf16/fp16 the CPU kernel keeps memory per record length, and on GPUs cutting the
+row needs the record boundaries on the host, one device sync per forward (launcher.models.attention.resolve
+decides, for the ranks and the planner alike; flash_attention_2 is the GPU answer). The boundaries are
+computed once per forward (all layers receive the same position_ids tensor) and, on CPU, cost no sync.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-PACKED_SDPA = "packed_sdpa"
+from launcher.models.attention import PACKED_SDPA, resolve
+
+__all__ = ["PACKED_SDPA", "packed_sdpa_forward", "record_bounds", "resolve"]
+
 
 # (position_ids tensor, its records' bounds per row): the last forward's, shared by all its layers.
 _last: Tuple[Optional[weakref.ref], List[List[Tuple[int, int]]]] = (None, [])
@@ -77,15 +80,3 @@ def packed_sdpa_forward(
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
-
-
-def resolve(requested: str, device_type: str, precision: str) -> str:
-    """The implementation a rank loads: `sdpa` on fp32 CPU ranks runs record by record (same result, less work).
-
-    Not in bf16/fp16: torch's CPU flash-attention kernel for reduced precision JIT-builds and keeps a kernel
-    per distinct shape, and records come in every length, so a rank's RSS grew by 50-90 MB per training
-    iteration without levelling off (2-layer Llama, seq 2048, records of 20-300 tokens: 518 -> 1,097 MB after
-    12 iterations, against a flat 426 MB for the masked kernel and a flat 473 MB for fp32 per record)."""
-    if requested == "sdpa" and device_type == "cpu" and precision == "fp32":
-        return PACKED_SDPA
-    return requested
