@@ -108,7 +108,8 @@ def run(overrides: List[str]) -> int:
                   "nothing to do (raise train.max_steps to train further)")
             return 0
     if not run.cfg.dry_run:  # tokenize and pack here, before a local launch or sbatch, unless cached
-        for note in prepare_data(run.cfg, run.topo, run.run_dir):
+        defer = run.cfg.cluster.name == "slurm" and bool(run.cfg.cluster.prepare_job)
+        for note in prepare_data(run.cfg, run.topo, run.run_dir, defer=defer):
             print(note, file=sys.stderr)
     # One live run per run dir (prepare already refused a live one, naming it): taken before anything in it is
     # rewritten, held by the runner's session once it starts; a dry run or a SLURM submission only checks it.

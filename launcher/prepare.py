@@ -161,10 +161,12 @@ def _resolve_auto(cfg: DictConfig, topo: Topology, overrides: Sequence[str], gpu
     return [*kept, *choice.overrides], {"chosen": list(choice.overrides), "reason": choice.reason}
 
 
-def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: bool = True) -> List[str]:
+def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: bool = True,
+                 defer: bool = False) -> List[str]:
     """The packed data cache before any rank starts (never for dry runs): reused when complete, else tokenized
     here when `may_tokenize` (the submitting host, a CPU job) and refused otherwise (a GPU job does not sit on
-    its GPUs while it tokenizes). Returns notes; data errors are ConfigErrors (bad records, vocab mismatch)."""
+    its GPUs while it tokenizes); `defer`: left to the cluster.prepare_job job submitted ahead of training.
+    Returns notes; data errors are ConfigErrors (bad records, vocab mismatch)."""
     from launcher.data import cache_complete, cache_path, prepare_cache
     from launcher.data.cache import cache_root, check_shared
     from launcher.data.records import DataError
@@ -174,6 +176,9 @@ def prepare_data(cfg: DictConfig, topo: Topology, run_dir: Path, may_tokenize: b
         check_shared(cache_root(cfg, run_dir), topo.nodes)
         if cache_complete(cfg, run_dir):
             return [f"data: reusing {cache_path(cfg, run_dir)}"]
+        if defer:
+            return [f"data: {cache_path(cfg, run_dir)} is prepared by a CPU job the training job waits for "
+                    "(cluster.prepare_job)"]
         if not may_tokenize:
             raise DataError(
                 f"data.cache_dir: the packed data {cache_path(cfg, run_dir)} is not prepared and a GPU job does not "

@@ -27,6 +27,7 @@ from launcher.prepare import compose_resolved
 from launcher.render import sbatch as slurm
 from launcher.render.command import rank_environment
 from launcher.render.hostfile import deepspeed_env_text, hostfile_text
+from launcher.render.prepare_sbatch import prepare_script
 from launcher.render.sbatch import sbatch_name
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -106,6 +107,26 @@ def test_sbatch_cpu_site_settings_golden() -> None:
     assert "MAX_REQUEUES=1\n" in text
 
 
+def test_prepare_data_job_golden() -> None:
+    """cluster.prepare_job=true: the CPU-only data job (no GPU, no requeue, its own cores/time/partition)."""
+    cfg, _, topo, _ = compose_resolved(["cluster=slurm", "hardware=8xh100", "model=llama3_8b", "name=llama3_8b-sft",
+                                        "cluster.prepare_job=true", "cluster.prepare_cpus=32",
+                                        "cluster.prepare_time=04:00:00", "cluster.partition=gpu",
+                                        "cluster.prepare_partition=cpu", "cluster.account=proj-42",
+                                        "cluster.setup=['module load python/3.11']"], 0)
+    validate(cfg, topo)
+    text = prepare_script(cfg, "/shared/runs/job", "/shared/runs/job/job.sbatch", "/opt/venv/bin/python",
+                          "/opt/launcher")
+    _check_golden("prepare_data_llama3_8b.sbatch", text)
+    header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --partition=cpu" in header and "#SBATCH --cpus-per-task=32" in header
+    assert not any("gpus" in h or "requeue" in h or "exclusive" in h for h in header)
+    assert text.rstrip().endswith("-m launcher.data --run-dir /shared/runs/job")
+    with pytest.raises(ConfigError, match="cluster.prepare_time"):
+        cfg.cluster.prepare_time = "2h"
+        prepare_script(cfg, "/r", "/r/job.sbatch", "/py", "/pp")
+
+
 def test_hostfile_and_nossh_argv() -> None:
     text = hostfile_text(["n1", "n2", "gpu-003.cluster"], 8)
     _check_golden("hostfile_3x8.txt", text)
@@ -183,6 +204,7 @@ def test_cli_dry_run_writes_sbatch_next_to_config(tmp_path: Path) -> None:
         ("cluster.partition='a\nb'", "control character"),
         ("cluster.sbatch_extra=[exclusive]", "is not an sbatch option"),
         ("cluster.max_requeues=-1", "must be >= 0"),
+        ("cluster.prepare_cpus=0", "cluster.prepare_cpus: must be >= 1"),
     ],
 )
 def test_bad_slurm_settings(override: str, match: str) -> None:

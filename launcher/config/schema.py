@@ -153,6 +153,13 @@ class ClusterConfig:
     sbatch_extra: List[str] = field(default_factory=list)
     # cluster=hostfile: an existing DeepSpeed hostfile ("host slots=N" lines).
     hostfile: Optional[str] = None
+    # cluster=slurm: tokenize and pack in a CPU-only job that the training job waits for (sbatch
+    # --dependency=afterok) instead of on the submitting host; its cores, time limit and partition (null: the
+    # training job's cluster.partition).
+    prepare_job: bool = False
+    prepare_cpus: int = 8
+    prepare_time: str = "02:00:00"
+    prepare_partition: Optional[str] = None
 
 
 @dataclass

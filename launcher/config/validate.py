@@ -265,6 +265,11 @@ def _check_cluster(cfg: DictConfig, topo: Topology) -> None:
     if cfg.cluster.name == "local" and topo.nodes > 1:
         raise ConfigError("cluster.nodes", f"{topo.nodes} with cluster=local, which runs on this node only; use "
                           "cluster=slurm or cluster=hostfile for several nodes, or drop cluster.nodes")
+    if cfg.cluster.prepare_job and cfg.cluster.name != "slurm":
+        raise ConfigError("cluster.prepare_job", f"a data preparation job needs cluster=slurm (this is "
+                          f"cluster={cfg.cluster.name}, which prepares on this host before the ranks start); drop it")
+    if cfg.cluster.prepare_cpus < 1:
+        raise ConfigError("cluster.prepare_cpus", f"must be >= 1, got {cfg.cluster.prepare_cpus}")
     port = cfg.cluster.master_port
     if port is not None and not (isinstance(port, int) and 1024 <= port <= 65535):
         raise ConfigError("cluster.master_port", f"{port} is not a port in 1024..65535; pick a free one or drop it "

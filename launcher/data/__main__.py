@@ -1,6 +1,7 @@
 """`python -m launcher.data <launcher overrides> [row=N]`: prepare (or reuse) the packed rows a run with these
 overrides trains on, in the same cache the run uses (progress bar and summary on stderr), and print row N
-(default 0) with its labels. `python -m launcher` runs the same preparation before it starts ranks."""
+(default 0) with its labels. `python -m launcher` runs the same preparation before it starts ranks.
+`python -m launcher.data --run-dir DIR`: prepare the cache of a written run dir (the cluster.prepare_job job)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def main(argv: List[str]) -> int:
     from launcher.data.store import Rows
     from launcher.errors import ConfigError
 
+    if argv[:1] == ["--run-dir"] and len(argv) == 2:
+        return prepare_for_run_dir(argv[1])
     row = 0
     overrides = []
     for arg in argv:
@@ -40,6 +43,29 @@ def main(argv: List[str]) -> int:
         print(f"error: row: {row} is out of range; the data packs into {len(rows)} rows", file=sys.stderr)
         return 2
     print(describe_row(rows, row, tokenizer))
+    return 0
+
+
+def prepare_for_run_dir(run_dir: str) -> int:
+    """`python -m launcher.data --run-dir DIR` (the cluster.prepare_job SLURM job): prepare the cache of the
+    run dir's config.yaml, the resolved config its ranks read, so the training job finds the same key."""
+    from omegaconf import OmegaConf
+
+    from launcher.data import prepare_cache
+    from launcher.data.records import DataError
+    from launcher.models.tokenizer import TokenizerError
+
+    try:
+        cfg = OmegaConf.load(f"{run_dir}/config.yaml")
+    except OSError as exc:
+        print(f"launcher: error: run dir: cannot read {run_dir}/config.yaml ({exc.strerror}); submit with "
+              "`python -m launcher cluster=slurm ...`, which writes it", file=sys.stderr)
+        return 2
+    try:
+        print(f"launcher: data: prepared {prepare_cache(cfg, run_dir)}", file=sys.stderr)
+    except (DataError, TokenizerError) as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

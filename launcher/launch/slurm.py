@@ -15,7 +15,9 @@ from typing import List, Mapping, Optional, Sequence
 from omegaconf import DictConfig
 
 from launcher.config.topology import Topology
+from launcher.data import cache_complete
 from launcher.errors import ConfigError
+from launcher.render.prepare_sbatch import PREPARE_SCRIPT
 from launcher.render.sbatch import sbatch_name
 
 EXIT_USER_ERROR = 2
@@ -28,32 +30,53 @@ def submit(cfg: DictConfig, run_dir: Path, files: Mapping[str, str]) -> int:
     if cfg.dry_run:
         print(f"dry run, nothing submitted. {script}:")
         print(files[script.name], end="")
+        if cfg.cluster.prepare_job:
+            print(f"and the data job submitted first (training waits for it), {run_dir / PREPARE_SCRIPT}:")
+            print(files[PREPARE_SCRIPT], end="")
         return 0
     if shutil.which("sbatch") is None:
         print(f"error: sbatch is not on PATH; submit from a SLURM login node with: sbatch {script}", file=sys.stderr)
         return EXIT_USER_ERROR
-    try:
-        # sbatch passes this environment on (--export=ALL): secret variables reach the job by name.
-        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False,
-                              timeout=SLURM_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"error: sbatch did not answer within {SLURM_TIMEOUT_S} s (slurmctld busy or down?); retry with: "
-              f"sbatch {script}", file=sys.stderr)
+    after: List[str] = []
+    if cfg.cluster.prepare_job and not cache_complete(cfg, run_dir):
+        prep = run_dir / PREPARE_SCRIPT
+        prep_id = _sbatch([str(prep)], str(prep))
+        if prep_id is None:
+            return EXIT_USER_ERROR
+        print(f"submitted job {prep_id}: {prep} (tokenizes and packs the data on CPUs; log "
+              f"{run_dir}/slurm-{prep_id}.out)")
+        # afterok: training starts only on a finished cache; if preparing fails, Slurm cancels the training
+        # job instead of leaving it pending forever (DependencyNeverSatisfied).
+        after = [f"--dependency=afterok:{prep_id}", "--kill-on-invalid-dep=yes"]
+    job_id = _sbatch([*after, str(script)], str(script))
+    if job_id is None:
         return EXIT_USER_ERROR
-    if proc.returncode != 0:
-        print(f"error: sbatch refused {script}: {proc.stderr.strip()}", file=sys.stderr)
-        return proc.returncode
-    job_id = proc.stdout.strip().split(";")[0]
     # For `launcher sweep <dir>` and anyone else asking later which job runs this run dir.
     (run_dir / "submitted.json").write_text(json.dumps({"job_id": job_id, "script": str(script)}) + "\n")
     print(
-        f"submitted job {job_id}: {script}\n"
+        f"submitted job {job_id}: {script}{' (after the data job)' if after else ''}\n"
         f"  watch:  squeue -j {job_id}; tail -f {run_dir}/slurm-{job_id}.out\n"
         f"  stop:   scancel --signal=USR1 {job_id}   (the ranks checkpoint and stop; plain scancel gives them "
         "only the site's KillWait, see docs/slurm.md)\n"
         f"  resume: sbatch {script}   (continues from the last checkpoint)"
     )
     return 0
+
+
+def _sbatch(args: List[str], script: str) -> Optional[str]:
+    """sbatch --parsable ARGS: the job id, or None after one error line."""
+    try:
+        # sbatch passes this environment on (--export=ALL): secret variables reach the job by name.
+        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, check=False,
+                              timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"error: sbatch did not answer within {SLURM_TIMEOUT_S} s (slurmctld busy or down?); retry with: "
+              f"sbatch {script}", file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        print(f"error: sbatch refused {script}: {proc.stderr.strip()}", file=sys.stderr)
+        return None
+    return proc.stdout.strip().split(";")[0]
 
 
 @dataclass(frozen=True)

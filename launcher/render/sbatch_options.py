@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from launcher.config import secrets
 from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 
@@ -21,12 +22,12 @@ MAX_SIGNAL_SECONDS = 65535
 _TIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?|UNLIMITED|INFINITE)$", re.IGNORECASE)
 
 
-def time_seconds(text: str) -> Optional[int]:
-    """Slurm time limit in seconds (None for UNLIMITED); ConfigError for a malformed value."""
+def time_seconds(text: str, key: str = "cluster.time") -> Optional[int]:
+    """Slurm time limit in seconds (None for UNLIMITED); ConfigError naming `key` for a malformed value."""
     text = str(text).strip()
     if not _TIME.match(text):
         raise ConfigError(
-            "cluster.time", f"'{text}' is not a SLURM time; use HH:MM:SS, D-HH:MM:SS, minutes or UNLIMITED"
+            key, f"'{text}' is not a SLURM time; use HH:MM:SS, D-HH:MM:SS, minutes or UNLIMITED"
         )
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return None
@@ -62,7 +63,7 @@ def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
     if c.max_requeues < 0:
         raise ConfigError("cluster.max_requeues", f"must be >= 0, got {c.max_requeues}")
     opts = [
-        _opt("name", "--job-name", cfg.name),
+        option("name", "--job-name", cfg.name),
         f"--nodes={topo.nodes}",
         "--ntasks-per-node=1",  # one deepspeed runner per node; it starts the node's ranks
     ]
@@ -70,16 +71,16 @@ def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
         opts += [f"--gpus-per-node={topo.ranks_per_node}", "--exclusive"]
     else:
         opts.append(f"--cpus-per-task={cpus_per_task(topo)}")
-    opts.append(_opt("cluster.time", "--time", c.time))
+    opts.append(option("cluster.time", "--time", c.time))
     for key in ("partition", "account", "qos"):
         if c[key]:
-            opts.append(_opt(f"cluster.{key}", f"--{key}", c[key]))
+            opts.append(option(f"cluster.{key}", f"--{key}", c[key]))
     # %j is the job id; a literal % in the run dir must be doubled for Slurm's filename patterns.
     opts += [
         f"--signal=B:USR1@{c.signal_seconds}",  # B: only the batch shell, which forwards it to the ranks
         "--requeue",
         "--open-mode=append",  # a requeued attempt appends to the same log
-        _opt("run dir", "--output", run_dir.replace("%", "%%") + "/slurm-%j.out"),
+        option("run dir", "--output", run_dir.replace("%", "%%") + "/slurm-%j.out"),
     ]
     for i, line in enumerate(c.sbatch_extra):
         line = str(line).strip()
@@ -90,6 +91,17 @@ def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
     return opts
 
 
+def check_setup(setup: Sequence[str]) -> None:
+    """cluster.setup lines are written into the job scripts: a secret there would be on disk."""
+    for i, line in enumerate(setup):
+        if secrets.carries_secret(line):
+            raise ConfigError(
+                f"cluster.setup[{i}]",
+                "carries a secret, which would be written to the .sbatch; export it in the submitting shell "
+                "instead (sbatch passes that environment on to the job) and drop it from cluster.setup",
+            )
+
+
 def _check_line(key: str, value: str) -> None:
     # sbatch reads #SBATCH lines itself (not the shell): a newline would end the comment and start a shell
     # line, and sbatch drops backslashes even inside quotes.
@@ -97,7 +109,7 @@ def _check_line(key: str, value: str) -> None:
         raise ConfigError(key, f"{value!r} has a control character or backslash, which #SBATCH lines cannot carry")
 
 
-def _opt(key: str, flag: str, value: object) -> str:
+def option(key: str, flag: str, value: object) -> str:
     text = str(value)
     _check_line(key, text)
     return f"{flag}={shlex.quote(text)}"

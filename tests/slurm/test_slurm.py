@@ -85,26 +85,59 @@ def test_bad_override_fails_fast(slurm_single: Cluster, tmp_path: Path, override
     assert job.seconds < 30
 
 
-def test_cli_submit_quotes_every_value(slurm_single: Cluster, tmp_path: Path) -> None:
+def _submitted(stdout: str) -> List[str]:
+    return [line.split("submitted job ")[1].split(":")[0] for line in stdout.splitlines()
+            if line.startswith("submitted job ")]
+
+
+def test_cli_submit_quotes_every_value_and_prepares_data_in_a_cpu_job(slurm_single: Cluster, tmp_path: Path) -> None:
     """`python -m launcher cluster=slurm` renders and submits; a run name full of shell syntax (it is also the
-    run dir) stays text in every line of the script."""
+    run dir) stays text in every line of both scripts. cluster.prepare_job=true: the data is tokenized by a
+    CPU job submitted first, not on the submitting host, and training starts after it ended."""
     name = 'it\'s $(touch PWNED) `touch PWNED2` "q"'
     escaped = name.replace('"', '\\"')
     env = dict(slurm_single.env, PYTHONPATH=str(REPO))
     cli = subprocess.run(
         [sys.executable, "-m", "launcher", "cluster=slurm", f'name="{escaped}"', "train.max_steps=3",
-         "train.log_every=1"],
+         "train.log_every=1", "cluster.prepare_job=true", "cluster.prepare_cpus=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
-    job_id = cli.stdout.split("submitted job ")[1].split(":")[0]
+    assert "is prepared by a CPU job the training job waits for" in cli.stderr and "data: prepared" not in cli.stderr
+    prep_id, job_id = _submitted(cli.stdout)
     run_dir = tmp_path / "runs" / name
+    prep = slurm_single.wait(prep_id, run_dir / f"slurm-{prep_id}.out")
+    _assert_ok(prep)
+    assert "launcher: data: prepared " in prep.text() and "tokens" in prep.text(), prep.text()
     job = slurm_single.wait(job_id, run_dir / f"slurm-{job_id}.out")
     _report("cli submit", job)
     _assert_ok(job)
-    assert slurm_single.job_info(job_id).get("JobName") == "it's", "--job-name lost its quoting"
+    info, prep_info = slurm_single.job_info(job_id), slurm_single.job_info(prep_id)
+    assert info.get("JobName") == "it's" and prep_info.get("JobName") == "it's", "--job-name lost its quoting"
+    assert info["StartTime"] >= prep_info["EndTime"], (info, prep_info)  # ISO times compare as text
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3]
     assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*")), "a value ran as shell code"
+
+
+def test_failed_data_job_cancels_training(slurm_single: Cluster, tmp_path: Path) -> None:
+    """A data job that fails (a record that is not JSON) ends with one error line, and Slurm cancels the
+    training job that depended on it (--kill-on-invalid-dep) instead of leaving it pending; no rank started."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{not json\n')
+    run_dir = tmp_path / "run"
+    cli = subprocess.run(
+        [sys.executable, "-m", "launcher", "cluster=slurm", f"hydra.run.dir={run_dir}", f"data.path={data}",
+         "train.max_steps=3", "cluster.prepare_job=true", "cluster.prepare_cpus=1"],
+        cwd=tmp_path, env=dict(slurm_single.env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    prep_id, job_id = _submitted(cli.stdout)
+    prep = slurm_single.wait(prep_id, run_dir / f"slurm-{prep_id}.out")
+    assert prep.state == "FAILED" and prep.exit_code == 2, prep.text()
+    errors = [line for line in prep.text().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("launcher: error: data.") and "Traceback" not in prep.text()
+    job = slurm_single.wait(job_id, run_dir / f"slurm-{job_id}.out")
+    assert job.state == "CANCELLED" and not (run_dir / "metrics.jsonl").exists(), job.state
 
 
 def test_preemption_checkpoints_requeues_and_resumes(
