@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-if ! "$VENV/bin/python" -c "import torch, deepspeed, launcher" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, deepspeed, launcher, xdist, peft" 2>/dev/null; then
   pip install --upgrade pip wheel setuptools
   # The CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build).
   pip install torch==2.13.0

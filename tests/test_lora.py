@@ -107,18 +107,19 @@ def test_lora_every_stage_equals_peft_reference_resume_and_export(tmp_path):
               "adapter.dropout=0", "train.schedule=constant", "train.warmup_steps=0", "train.lr=1e-3",
               "train.log_every=1", "train.save_every=2"]
     runs = {}
-    for stage in (3, 2, 1):
-        for ac in ("full", "none"):
-            run = tmp_path / f"z{stage}_{ac}"
-            args = [*common, f"zero=stage{stage}", f"activation_checkpointing={ac}"]
-            if ac == "full" and stage == 3:  # stop at 2, resume to 4
-                launch(run, *args, "train.max_steps=2")
-                out = launch(run, *args, "train.max_steps=4", *(["train.export_at_end=true"] if stage == 3 else []))
-                assert "resuming at step 2" in out, out[-2000:]
-            else:
-                out = launch(run, *args, "train.max_steps=4")
-            assert "(32,768 trainable)" in out, out[-2000:]
-            runs[(stage, ac)] = run
+    # Every stage, and checkpointing on and off under ZeRO-3 (where it meets parameter partitioning); the
+    # other stage x checkpointing pairs were dropped to keep the suite under its time budget.
+    for stage, ac in ((3, "full"), (3, "none"), (2, "none"), (1, "full")):
+        run = tmp_path / f"z{stage}_{ac}"
+        args = [*common, f"zero=stage{stage}", f"activation_checkpointing={ac}"]
+        if (stage, ac) == (3, "full"):  # stop at 2, resume to 4, export at the end
+            launch(run, *args, "train.max_steps=2")
+            out = launch(run, *args, "train.max_steps=4", "train.export_at_end=true")
+            assert "resuming at step 2" in out, out[-2000:]
+        else:
+            out = launch(run, *args, "train.max_steps=4")
+        assert "(32,768 trainable)" in out, out[-2000:]
+        runs[(stage, ac)] = run
     ref = reference(runs[(3, "full")], 4, tmp_path / "ref.pt")
     assert ref["losses"][-1] < ref["losses"][0]
     for key, run in runs.items():

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import REPO, run_cli
 
@@ -95,26 +94,17 @@ def test_one_live_run_per_run_dir_and_takeover_after_death(tmp_path):
     assert launches[-1]["exit_code"] == 0 and launches[-1]["state"] == "completed" and launches[-1]["end"]
 
 
-@pytest.mark.parametrize("target", [
-    "launcher",
-    pytest.param("launch.py", marks=pytest.mark.xfail(
-        strict=True, reason="DeepSpeed's launch.py SIGKILLs its ranks 30 s after a TERM: the slow save is cut off")),
-])
-def test_stop_waits_for_a_slow_checkpoint_then_resumes(target, tmp_path):
-    """SIGTERM to the launcher reaches the ranks only: a stop checkpoint that takes 35 s (> launch.py's 30 s)
-    completes, status says preempted, and the next launch resumes from it. Sent to launch.py it is cut off."""
+def test_stop_waits_for_a_slow_checkpoint_then_resumes(tmp_path):
+    """SIGTERM to the launcher reaches the ranks only: a stop checkpoint that takes 35 s completes, status says
+    preempted, and the next launch resumes from it. Had the TERM gone to DeepSpeed's launch.py, it would have
+    SIGKILLed the ranks 30 s later (deepspeed/launcher/launch.py: sigkill_handler -> terminate_process_tree ->
+    psutil.wait_procs(children, timeout=30) -> kill), cutting the save off; a strict xfail that showed this on
+    real ranks was dropped to keep the suite under its time budget."""
     run_dir = tmp_path / "run"
     proc = start(run_dir, "train.max_steps=100000", "train.save_every=100000", "train.log_every=1",
                  env={SLOW_SAVE_ENV: "35"})
     wait_for_step(run_dir, 2, proc)
-    if target == "launcher":
-        proc.send_signal(signal.SIGTERM)
-    else:
-        session = session_of(run_dir)
-        runners = [p for p in psutil.process_iter(["cmdline"])
-                   if "deepspeed.launcher.launch" in " ".join(p.info["cmdline"] or []) and os.getsid(p.pid) == session]
-        assert len(runners) == 1
-        runners[0].send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     out = finish(proc, run_dir)
     st = status(run_dir)
     assert st["state"] == "preempted", out[-3000:]
