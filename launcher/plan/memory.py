@@ -165,7 +165,7 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         # while the activations are being freed, so they peak at the end of backward, not with the
         # activations ("bwdend.", measured: bench/planner_accuracy.py). A GPU's caching allocator keeps
         # them reserved: they add to the activations there.
-        late = "bwdend" if on_cpu else "buffers"
+        late = "bwdend" if on_cpu and not offload else "buffers"
         t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous else 0
         if setup.zero_stage == 1 and (accum > 1 or not contiguous):
             # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across
