@@ -213,6 +213,7 @@ def test_prepare_data_on_the_launch_side(tmp_path):
     cache.check_shared(str(tmp_path), nodes=2)  # the test machine's disk: shared with its "nodes"
 
 
+@pytest.mark.ranks
 def test_two_cpu_ranks_train_from_shards_and_resume_mid_epoch(tmp_path):
     """The must-show on real ranks: a rank refuses an unprepared cache; `python -m launcher` prepares a
     2-shard cache shared by three runs; stopping at step 3 and resuming to 6 trains on the same batches as an

@@ -165,13 +165,20 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         # while the activations are being freed, so they peak at the end of backward, not with the
         # activations ("bwdend.", measured: bench/planner_accuracy.py). A GPU's caching allocator keeps
         # them reserved: they add to the activations there.
-        late = "bwdend" if on_cpu and not offload else "buffers"
-        t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous else 0
-        if setup.zero_stage == 1 and (accum > 1 or not contiguous):
-            # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across
-            # the other micro-steps. (On the boundary, with contiguous_gradients, each grad is moved into
-            # the bucket and aliases it, as in ZeRO-2.)
+        late = "bwdend" if on_cpu else "buffers"
+        grads_full = setup.zero_stage == 1 and (accum > 1 or not contiguous)
+        # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across the
+        # other micro-steps; on the boundary, with contiguous_gradients, each grad is moved into the bucket
+        # and aliases it, so the bucket adds no pages of its own (measured with CPU offload: h09 of the
+        # held-out grid, bench/planner_accuracy.py).
+        t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous and not (grads_full and on_cpu and offload) else 0
+        if grads_full:
             t["grads.full"] = gb * p_all
+        if offload:
+            # The reduction at the end of backward (average_tensor -> allreduce_and_scatter -> allreduce_bucket)
+            # all-reduces a flattened copy of the bucket's gradients, up to reduce_bucket_size elements at a
+            # time, next to the bucket (measured on CPU ranks with offload: +1.0 x the bucket, h04/h09).
+            t[f"{late}.reduce_flatten"] = gb * min(p_all, n_bucket)
         if not offload:
             t["bwdend.grad_partition" if on_cpu else "grads.partition"] = gb * part  # contiguous grads_in_partition
             # End of backward: averaged_gradients, a fresh flat copy of the partition, is built before the
@@ -201,6 +208,19 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         bucket = gb * (min(int(zero.reduce_bucket_size), p_all) if on_cpu else int(zero.reduce_bucket_size))
         t["buffers.reduce_bucket"] = bucket if contiguous else 0
         t["step.reduce_bucket"] = t["buffers.reduce_bucket"]
+        # The reduction (__avg_scatter_grads -> reduce_scatter_coalesced) concatenates the bucket's gradients
+        # into one padded flat copy, up to reduce_bucket_size elements. On CPU ranks it runs once, at the end
+        # of backward (the bucket holds the whole model), and gloo's reduce_scatter_tensor makes one more
+        # copy of its input (NCCL does not): measured +1.0 x and +2.0 x the bucket (bench/planner_accuracy.py,
+        # held-out point h06; a 2-process gloo reduce-scatter of 256 MiB peaks 1 x input + output higher).
+        flat = gb * min(int(zero.reduce_bucket_size), p_all)
+        if on_cpu:
+            t["bwdend.reduce_bucket"] = t["buffers.reduce_bucket"]
+            t["bwdend.stage3_module_grad"] = t["buffers.stage3_module_grad"]
+            t["bwdend.reduce_flat_copy"] = flat
+            t["bwdend.gloo_reduce_scatter_copy"] = flat
+        else:
+            t["buffers.reduce_flat_copy"] = flat
         if not offload:
             # Per sub-group: flatten(averaged_gradients) copy, then its fp32 cast as the master's .grad.
             sub = min(part, SUB_GROUP_SIZE)
