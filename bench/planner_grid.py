@@ -1,5 +1,5 @@
-"""The planner's held-out accuracy grid: 24 points drawn once with a fixed seed, committed before any
-planner constant was refitted (issue 13). The constants must never be fitted on these points;
+"""The planner's held-out accuracy grid: 24 points drawn once with a fixed seed, committed before they were
+run against the planner they measure (issue 13). The constants must never be fitted on these points;
 `bench/planner_accuracy.py` reports them apart from the fitted grid and the hand-tried point.
 
     python bench/planner_grid.py        # prints the points as launcher overrides
@@ -13,7 +13,9 @@ from __future__ import annotations
 import random
 from typing import Dict, List
 
-SEED = 13
+# Seed 13 drew the first held-out grid (run 2026-12-03 15:20; docs/planner.md); the planner was then changed
+# after looking at its points, so they count as seen. Seed 29 drew this grid, committed before it was run.
+SEED = 29
 N_POINTS = 24
 WORLD = 2  # hardware=local: 2 CPU ranks
 
@@ -49,7 +51,7 @@ def held_out_points(seed: int = SEED, n: int = N_POINTS) -> List[Dict]:
         ac = rng.choice(["none", "full"])
         precision = rng.choice(["fp32", "bf16"])
         vocab = rng.choice([8000, 16000, 32000])
-        name = (f"h{i:02d}_d{hidden}_l{layers}_s{seq}_m{micro}_a{accum}_z{stage}"
+        name = (f"s{seed}p{i:02d}_d{hidden}_l{layers}_s{seq}_m{micro}_a{accum}_z{stage}"
                 f"{'_off' if offload == 'cpu' else ''}{'_ac' if ac == 'full' else ''}_{precision}")
         points.append({"name": name, "overrides": [
             *_arch(hidden, layers, vocab, seq), f"train.seq_len={seq}", f"train.micro_batch_size={micro}",
