@@ -107,12 +107,13 @@ def test_cli_submit_quotes_every_value_and_prepares_data_in_a_cpu_job(slurm_sing
     prep_id, job_id = _submitted(cli.stdout)
     run_dir = tmp_path / "runs" / name
     prep = slurm_single.wait(prep_id, run_dir / f"slurm-{prep_id}.out")
+    prep_info = slurm_single.job_info(prep_id)  # now: slurmctld forgets finished jobs after MinJobAge
     _assert_ok(prep)
     assert "launcher: data: prepared " in prep.text() and "tokens" in prep.text(), prep.text()
     job = slurm_single.wait(job_id, run_dir / f"slurm-{job_id}.out")
+    info = slurm_single.job_info(job_id)
     _report("cli submit", job)
     _assert_ok(job)
-    info, prep_info = slurm_single.job_info(job_id), slurm_single.job_info(prep_id)
     assert info.get("JobName") == "it's" and prep_info.get("JobName") == "it's", "--job-name lost its quoting"
     assert info["StartTime"] >= prep_info["EndTime"], (info, prep_info)  # ISO times compare as text
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3]
