@@ -169,11 +169,32 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
         grads_full = setup.zero_stage == 1 and (accum > 1 or not contiguous)
         # ZeRO-1 reduces only at the accumulation boundary: param.grad stays whole on every rank across the
         # other micro-steps; on the boundary, with contiguous_gradients, each grad is moved into the bucket
-        # and aliases it, so the bucket adds no pages of its own (measured with CPU offload: h09 of the
-        # held-out grid, bench/planner_accuracy.py).
-        t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous and not (grads_full and on_cpu and offload) else 0
-        if grads_full:
+        # and aliases it, so on CPU ranks the bucket adds no pages of its own (measured with and without
+        # CPU offload: seed-13 point h09, seed-29 point p15 of bench/planner_grid.py).
+        t[f"{late}.reduce_buckets"] = gb * bucket_elems if contiguous and not (grads_full and on_cpu) else 0
+        if grads_full and on_cpu:
+            # Whole gradients until step(), which first frees those outside this rank's partition
+            # (free_grad_in_param_list(params_not_in_partition); measured: seed-29 point p15). A GPU's
+            # caching allocator keeps those blocks reserved, and Adam's partition-sized temporaries need not
+            # fit in them: there the whole gradients stay a model state (ZeRO paper).
+            t["grads.full_in_partition"] = gb * part
+            t["buffers.full_grads_outside_partition"] = gb * (p_all - part)
+            t["bwdend.full_grads_outside_partition"] = gb * (p_all - part)
+        elif grads_full:
             t["grads.full"] = gb * p_all
+        if accum > 1 and setup.zero_stage == 2 and not offload:
+            # ZeRO-2 reduces every micro-step; between micro-steps the reduced partition stays alive
+            # (all_grad_tensors holds views of that backward's grads_in_partition) and the next backward adds
+            # its own partition into it: one more partition through forward and backward of micro-steps 2..k,
+            # gone by the optimizer step (measured: seed-29 points p02, p11, p12).
+            t["buffers.accumulated_partition"] = gb * part
+            if on_cpu:
+                t["bwdend.accumulated_partition"] = gb * part
+        if accum > 1 and offload and setup.zero_stage == 2:
+            # async_accumulate_grad_in_cpu_via_gpu: a host buffer per parameter of this rank's partition
+            # (accumulated_grads_in_cpu, whole parameters in the training dtype), created on the first
+            # reduction and kept for the rest of the run.
+            t["host.accumulated_grads"] = gb * part
         if offload:
             # The reduction at the end of backward (average_tensor -> allreduce_and_scatter -> allreduce_bucket)
             # all-reduces a flattened copy of the bucket's gradients, up to reduce_bucket_size elements at a
@@ -185,8 +206,12 @@ def model_state_terms(cfg: DictConfig, topo: Topology, setup: Setup, counts: Par
             # buckets and grads_in_partition are released; in step() it replaces grads_in_partition.
             t[f"{late}.flat_grad_partition"] = gb * part
             if on_cpu:
-                t["step.flat_grad_partition"] = gb * part  # still there in step(), next to its fp32 cast
-            t["step.fp32_grad"] = fp32_cast * part  # .to(fp32) as the master partition's .grad
+                # step(): the master partition's .grad is the flat partition cast to fp32; in fp32 the cast is a
+                # no-op and the flat copy itself is the grad. A 16-bit flat copy is dropped after the cast,
+                # before Adam's temporaries (measured: bf16 ZeRO-1/2 points p10/p11 of the seed-29 grid).
+                t["step.fp32_grad"] = 4 * part
+            else:
+                t["step.fp32_grad"] = fp32_cast * part  # .to(fp32) as the master partition's .grad
             t["step.adam_temporaries"] = adam_temps * part
         else:
             t["buffers.offload_grad_staging"] = gb * counts.largest_tensor  # temp_grad_buffer_for_gpu_offload
@@ -244,6 +269,7 @@ HOST_COLUMN = {
     "host.grad_partition": "grads",
     "host.fp32_grads": "grads",
     "host.grad_staging": "grads",
+    "host.accumulated_grads": "grads",
     "host.fp32_master": "optimizer",
     "host.adam_moments": "optimizer",
     "host.checkpoint_inputs": "activations",
