@@ -14,8 +14,10 @@ import random
 from typing import Dict, List
 
 # Seed 13 drew the first held-out grid (run 2026-12-03 15:20; docs/planner.md); the planner was then changed
-# after looking at its points, so they count as seen. Seed 29 drew this grid, committed before it was run.
-SEED = 29
+# after looking at its points, so they count as seen. Seed 29 drew the second (run 2026-12-03, results in
+# bench/results_grid29.json); the planner was changed after it too. Seed 47 drew this grid, committed before
+# it was run.
+SEED = 47
 N_POINTS = 24
 WORLD = 2  # hardware=local: 2 CPU ranks
 
