@@ -14,7 +14,7 @@ exactly the launcher's split (launcher.worker.data.micro_batches). So both see i
 per-step losses agree to float rounding (written out for the harness to compare).
 
 Rank 0 writes <out.json>: per-step timestamps (TrainerCallback.on_step_end, after the optimizer step),
-per-step losses, and each rank's peak RSS (VmHWM, the launcher's mem_peak_gb definition).
+per-step losses, and each rank's peak RSS (VmHWM, the launcher's mem_peak_rss_gb definition).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ The first --warmup steps of every run are dropped; a run's step time is the medi
 alternate A B A B ... (--runs each, default 3), one launch at a time, and the table shows the medians over
 runs. "Fastest step" (the median over runs of each run's fastest steady step) is shown beside it: on a
 machine shared with other work it is the less load-sensitive of the two. Peak memory is each rank's peak
-RSS (VmHWM), the larger of the two ranks (the launcher's mem_peak_gb).
+RSS (VmHWM), the larger of the two ranks (the launcher's mem_peak_rss_gb).
 
 TORCH_EXTENSIONS_DIR: DeepSpeed JIT-loads its shm comm op in every rank, under a lock in the extension dir,
 rebuilding it when the dir was last built by a different command line. Other work on a shared machine that
@@ -98,7 +98,8 @@ def measure(overrides: list, work: Path, runs: int, steps: int, warmup: int, lab
         assert [r["step"] for r in rows] == list(range(1, steps + 1)), "expected one metrics line per step"
         steady = [r["step_time_s"] for r in rows[warmup:]]
         ours.append({"step": statistics.median(steady), "fastest": min(steady),
-                     "mem": rows[-1]["mem_peak_gb"], "losses": [r["loss"] for r in rows]})
+                     "mem": rows[-1].get("mem_peak_rss_gb", rows[-1]["mem_peak_gb"]),  # VmHWM, as Trainer's
+                     "losses": [r["loss"] for r in rows]})
 
         out = work / f"hf_{i}.json"
         out.unlink(missing_ok=True)

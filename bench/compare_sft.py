@@ -265,7 +265,7 @@ def main() -> int:
                 assert [r["step"] for r in recs] == list(range(1, args.steps + 1)), "one metrics line per step"
                 times = [r["step_time_s"] for r in recs]
                 losses = [r["loss"] for r in recs]
-                mem = recs[-1]["mem_peak_gb"]
+                mem = recs[-1].get("mem_peak_rss_gb", recs[-1]["mem_peak_gb"])
                 weights = run_dir / "hf"
             else:
                 out, weights = work / f"{side}_{i}.json", work / f"{side}_{i}_hf"

@@ -186,7 +186,8 @@ def main() -> int:
         results[name] = {"params": n_params, "tokens_s": tokens_s, "achieved": achieved, "machine": machine,
                          "mlp": mlp, "step": statistics.median(r["step_time_s"] for r in steady),
                          "eff_wall": achieved / machine, "per_cpu": per_cpu, "machine_cpu": machine_cpu,
-                         "eff": per_cpu / machine_cpu, "mem": recs[-1]["mem_peak_gb"], "fpt": fpt,
+                         "eff": per_cpu / machine_cpu, "fpt": fpt,
+                         "mem": recs[-1].get("mem_peak_rss_gb", recs[-1]["mem_peak_gb"]),
                          # Lower bound: the weight matmuls only. The formula counts attention over the whole
                          # seq_len; fp32 CPU ranks attend within each record (launcher/worker/attention.py), less.
                          "eff_weights": per_cpu * fpt_matmul / fpt / machine_cpu}

@@ -6,13 +6,14 @@ Every point is one real launch on the local profile's 2 CPU ranks (`python -m la
 train.max_steps=S train.log_every=1 <point's overrides>`, launcher defaults otherwise: the built-in corpus,
 MALLOC_* settings in launch.sh, a checkpoint at the end). Planned: run.json "plan" peak_gib, the planner's
 total for the configured setup (what the pre-flight check used). Measured: metrics.jsonl's last
-`mem_peak_gb` (max over ranks of the lifetime peak RSS, model build and data preparation included), in GiB.
+`mem_peak_gb` (max over ranks of the lifetime peak RSS less file-backed pages, model build and data preparation
+included; launcher.worker.metrics.memory_bytes says why the mapped libraries are left out), in GiB.
 error = (planned - measured) / measured: negative is an under-prediction (a crash risk).
 
 Three groups, reported apart:
 - fitted: the points the constants may be fitted on: 12 (two Llama sizes x ZeRO 1/2/3 x checkpointing
   none/full, fp32, no offload, no accumulation) and 4 small ones for bf16, CPU offload and accumulation (EXTRA);
-- held_out: bench/planner_grid.py, 24 points drawn with seed 13 and committed before any refit; never fitted on;
+- held_out: bench/planner_grid.py, 24 points drawn with its SEED and committed before running; never fitted on;
 - hand: the 24M-parameter point tried by hand when issue 13 was filed.
 Steps: S (default 2) for every point. One is not enough: Adam's moments are created in the first optimizer step,
 after the first forward/backward peak. (A first held-out run measured accumulation-4 points with 1 step:
@@ -96,6 +97,7 @@ def run_point(point: dict, steps: int, scratch: Path) -> dict:
     return {
         "name": point["name"], "planned_gib": plan["peak_gib"], "measured_gib": measured,
         "train_peak_gib": last["mem_train_peak_gb"] * 1e9 / GIB,
+        "peak_rss_gib": last.get("mem_peak_rss_gb", 0.0) * 1e9 / GIB,  # with file-backed pages, for reference
         "error_pct": 100.0 * (plan["peak_gib"] - measured) / measured,
         "columns_gib": plan["columns_gib"], "tokens_per_sec": last["tokens_per_sec"], "steps": steps,
         "closing": [line for line in res.stdout.splitlines() if line.startswith("memory: rank")],

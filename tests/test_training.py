@@ -50,7 +50,9 @@ def test_default_run_trains_then_resumes(tmp_path):
     for r in rows:
         assert r["tokens_per_sec"] > 0 and r["mem_peak_gb"] > 0.05 and r["mfu"] is None  # no CPU peak: no MFU
         assert r["tokens_per_sec_per_gpu"] == pytest.approx(r["tokens_per_sec"] / 2, abs=0.1)
-        assert r["mem_source"] == "rss_vmhwm"
+        # CPU: peak RSS less file-backed pages; torch's mapped libraries alone are tens of MB of the RSS.
+        assert r["mem_source"] == "rss_vmhwm_less_file"
+        assert r["mem_peak_rss_gb"] > r["mem_peak_gb"] + 0.03
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
     assert (run_dir / "loss.png").stat().st_size > 1000
     port = int((run_dir / "launch.sh").read_text().split("--master_port ")[1].split()[0])

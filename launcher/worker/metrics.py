@@ -40,7 +40,8 @@ def _phase_peaks() -> Dict[str, float]:
     if _on_gpu():
         return {"reserved": float(torch.cuda.max_memory_reserved()),
                 "allocated": float(torch.cuda.max_memory_allocated())}
-    return {"rss": float(_vmhwm())}
+    status = _status_bytes("VmHWM", "RssFile")
+    return {"rss": float(status["VmHWM"]), "file": float(status["RssFile"])}
 
 
 def memory_bytes() -> Dict[str, float]:
@@ -52,7 +53,12 @@ def memory_bytes() -> Dict[str, float]:
     from the device: the unit of the planner's per-rank terms), mem_allocated_peak_gb = max_memory_allocated
     (live tensors only), mem_device_used_gb = device total - free now (mem_get_info): the allocator's
     reservation plus what sits outside it (CUDA context, NCCL buffers, cuBLAS workspaces; the planner's
-    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: peaks of this process's RSS (VmHWM).
+    CUDA_CONTEXT_RESERVE + GPU_FRAMEWORK_OVERHEAD). CPU: peaks of this process's RSS (VmHWM) less its
+    file-backed pages (RssFile, read with it): the anonymous and shared memory, what an OOM is made of.
+    File-backed pages are the mapped shared libraries (torch's alone is 430 MB) and data shards: shared by
+    every rank on the host, reclaimable, and resident by an amount that depends on the page cache, not on
+    the run (a freshly installed venv maps ~65 MB more of the same libraries than one read back from disk;
+    RssAnon identical). mem_peak_rss_gb: VmHWM itself, the figure other tools' "peak RSS" compares with.
     """
     now = _phase_peaks()
     before = _before_training or now
@@ -64,19 +70,26 @@ def memory_bytes() -> Dict[str, float]:
             "mem_allocated_peak_gb": max(before["allocated"], now["allocated"]),
             "mem_device_used_gb": float(total - free),
         }
-    return {"mem_peak_gb": max(before["rss"], now["rss"]), "mem_train_peak_gb": now["rss"]}
+    return {
+        "mem_peak_gb": max(before["rss"] - before["file"], now["rss"] - now["file"]),
+        "mem_train_peak_gb": now["rss"] - now["file"],
+        "mem_peak_rss_gb": max(before["rss"], now["rss"]),
+    }
 
 
 def memory_source() -> str:
-    return "cuda_max_memory_reserved" if _on_gpu() else "rss_vmhwm"
+    return "cuda_max_memory_reserved" if _on_gpu() else "rss_vmhwm_less_file"
 
 
-def _vmhwm() -> int:
+def _status_bytes(*keys: str) -> Dict[str, int]:
+    """Fields of /proc/self/status in bytes (0 where the kernel lacks one: RssFile needs Linux >= 4.5)."""
+    found = dict.fromkeys(keys, 0)
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            name, _, value = line.partition(":")
+            if name in found:
+                found[name] = int(value.split()[0]) * 1024
+    return found
 
 
 class MetricsLog:
