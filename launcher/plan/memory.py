@@ -35,12 +35,12 @@ SUB_GROUP_SIZE = 1_000_000_000
 CUDA_CONTEXT_RESERVE_GIB = 1.0
 # GPU: NCCL communicator buffers, cuBLAS workspaces, DeepSpeed's small tensors.
 GPU_FRAMEWORK_OVERHEAD_GIB = 1.0
-# CPU rank: resident size of a Python process with torch, deepspeed, transformers and gloo loaded, as it
-# is while training. Measured (bench/planner_accuracy.py, 2 CPU ranks, torch 2.13, deepspeed 0.19.8):
-# 365 MiB right after imports + init_distributed, 442-451 MiB once a first engine has trained (first-use
-# allocations that stay resident), and peak minus the modelled tensors = 442-446 MiB at all 8 ZeRO-1/2
-# grid points, where the model-state and activation terms matched the measurement to ~1 MiB.
-CPU_RANK_BASELINE_GIB = 0.43
+# CPU rank: anonymous memory of a Python process with torch, deepspeed, transformers and gloo loaded, as it is
+# while training (the worker's CPU mem_peak_gb leaves out file-backed pages: the mapped libraries, ~0.12 GiB
+# per rank here, resident by an amount that depends on the page cache). Measured (bench/planner_accuracy.py
+# --groups fitted, 2 CPU ranks, torch 2.13, deepspeed 0.19.8): peak minus the modelled tensors = 442-446 MiB
+# of RSS at the ZeRO-1/2 fitted points, of which 117-125 MiB file-backed (peak RSS - mem_peak_gb there).
+CPU_RANK_BASELINE_GIB = 0.315
 # Host memory left to the OS and other processes when the CPU ranks share this node's RAM.
 HOST_OS_RESERVE_GIB = 1.0
 # Caching-allocator fragmentation, as a fraction of the memory that comes and goes each step.
