@@ -3,14 +3,14 @@
     .venv/bin/python bench/malloc_cost.py [--runs 2] [--steps 12] [--warmup 3] [--workdir DIR] [overrides...]
 
 The launcher starts CPU ranks with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (launch.sh,
-.sbatch and .deepspeed_env alike; launcher/render/command.py CPU_RANK_MALLOC) so that a rank's RSS follows its
-live tensors and the planner's CPU figures hold. Every large allocation then is a fresh mapping whose pages
-fault in. This script renders run dirs with `python -m launcher dry_run=true` and prepares their data
-(default: the hand-tried 24M point of issue 13, bench/planner_grid.py), deletes the two MALLOC_* exports from
-half of them (glibc's defaults), runs each run dir's launch.sh in turn (with, without, with, without, ...) and reads metrics.jsonl:
-tokens/s of the steps after the warmup (median per run, median over runs) and the peaks. One launch at a time;
-the 1-minute load average is printed before each. Last line: `ratio X`, X = tokens/s with the settings /
-without (above 1: the settings cost nothing).
+.sbatch and .deepspeed_env alike; launcher/render/command.py CPU_RANK_MALLOC) so that a rank's RSS follows
+its live tensors and the planner's CPU figures hold. Every large allocation then is a fresh mapping whose
+pages fault in. This script renders run dirs with `python -m launcher dry_run=true` and prepares their data
+(default: the hand-tried 24M point of issue 13, bench/planner_grid.py), deletes the two MALLOC_* exports
+from half of them (glibc's defaults), runs each run dir's launch.sh in turn (with, without, with, without,
+...) and reads metrics.jsonl: tokens/s of the steps after the warmup (median per run, median over runs) and
+the peaks. One launch at a time; the 1-minute load average is printed before each. Last line: `ratio X`,
+X = tokens/s with the settings / without (above 1: the settings cost nothing).
 """
 
 from __future__ import annotations
