@@ -13,7 +13,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from launcher.render.sbatch_options import check_setup, option, time_seconds
+from launcher.render.sbatch_options import FIND_PYTHON_AFTER_SETUP, check_setup, option, time_seconds
 
 PREPARE_SCRIPT = "prepare_data.sbatch"
 
@@ -51,8 +51,8 @@ def prepare_script(cfg: DictConfig, run_dir: str, train_script: str, python: str
     ]
     if setup:
         lines += ["# Site setup (cluster.setup)", *setup,
-                  'PYTHON=$(command -v python3 || command -v python) || '
-                  '{ echo "launcher: error: no python on PATH after cluster.setup" >&2; exit 1; }']
+                  FIND_PYTHON_AFTER_SETUP
+                  + '{ echo "launcher: error: no python on PATH after cluster.setup" >&2; exit 1; }']
     else:
         lines += [f"PYTHON={q(python)}"]
     lines += [

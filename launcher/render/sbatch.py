@@ -24,7 +24,13 @@ from launcher.config.topology import Topology, batch_shape
 from launcher.render import rundir
 from launcher.render.command import PACKAGE_ROOT, export_lines, rank_environment, worker_args
 from launcher.render.prepare_sbatch import PREPARE_SCRIPT, prepare_script
-from launcher.render.sbatch_options import check_setup, cpus_per_task, sbatch_options, time_seconds  # noqa: F401
+from launcher.render.sbatch_options import (  # noqa: F401
+    FIND_PYTHON_AFTER_SETUP,
+    check_setup,
+    cpus_per_task,
+    sbatch_options,
+    time_seconds,
+)
 
 # MASTER_PORT = base + job id % span: distinct for jobs that share a node, stable across a requeue
 # (same job id), and below Linux's ephemeral range (32768+).
@@ -145,7 +151,7 @@ def sbatch_script(cfg: DictConfig, topo: Topology, env: Mapping[str, str], paths
     ]
     if setup:
         lines += ["# Site setup (cluster.setup): its python and deepspeed run the job", *setup,
-                  'PYTHON=$(command -v python3 || command -v python) || fail "no python on PATH after cluster.setup"',
+                  FIND_PYTHON_AFTER_SETUP + 'fail "no python on PATH after cluster.setup"',
                   ""]
     else:
         lines += [f"PYTHON={q(paths.python)}", f'export PATH={q(paths.bin_dir)}"${{PATH:+:$PATH}}"']

@@ -91,6 +91,11 @@ def sbatch_options(cfg: DictConfig, topo: Topology, run_dir: str) -> List[str]:
     return opts
 
 
+# After cluster.setup (which may load a module or activate a venv) the job runs the python it finds on PATH;
+# both job scripts (training and data preparation) follow this line with their own error exit.
+FIND_PYTHON_AFTER_SETUP = "PYTHON=$(command -v python3 || command -v python) || "
+
+
 def check_setup(setup: Sequence[str]) -> None:
     """cluster.setup lines are written into the job scripts: a secret there would be on disk."""
     for i, line in enumerate(setup):
