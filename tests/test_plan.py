@@ -161,7 +161,7 @@ def test_saved_activations_match_a_real_forward(dtype_name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from launcher.plan.activations import layer_activation_bytes, rms_norm_bytes
-    from launcher.plan.memory import precision_bytes
+    from launcher.plan.model_states import precision_bytes
 
     vocab, hidden, inter, layers, heads, kv_heads, seq, micro = 320, 128, 352, 4, 4, 2, 64, 2
     config = transformers.LlamaConfig(

@@ -8,7 +8,8 @@ cheapest change that does) and `choose_auto` (zero=auto / activation_checkpointi
 from launcher.plan.candidates import GRID, Plan, Row, build_plan, evaluate
 from launcher.plan.capacity import Capacity, capacity, read_meminfo_total
 from launcher.plan.decide import Choice, PreflightResult, choose_auto, preflight
-from launcher.plan.memory import MemoryBreakdown, Setup, estimate_memory
+from launcher.plan.memory import MemoryBreakdown, estimate_memory
+from launcher.plan.model_states import Setup
 from launcher.plan.params import ModelShape, ParamCounts, count_params, flops_per_token, mfu
 from launcher.plan.perf import StepEstimate, estimate_step
 

@@ -12,7 +12,8 @@ from launcher.config.topology import Topology, batch_shape
 from launcher.plan.capacity import Capacity, capacity
 from launcher.plan.load import load_bytes_per_node
 from launcher.plan.lora import adapter_counts
-from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, MemoryBreakdown, Setup, estimate_memory
+from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, MemoryBreakdown, estimate_memory
+from launcher.plan.model_states import Setup
 from launcher.plan.params import ModelShape, count_params, flops_per_token
 from launcher.plan.perf import StepEstimate, estimate_step
 

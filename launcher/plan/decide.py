@@ -19,7 +19,8 @@ from launcher.config.topology import Topology
 from launcher.errors import ConfigError
 from launcher.plan.candidates import Row, evaluate
 from launcher.plan.capacity import Capacity, capacity
-from launcher.plan.memory import GIB, Setup
+from launcher.plan.memory import GIB
+from launcher.plan.model_states import Setup
 
 # zero=auto only picks a setup predicted to use at most this share of the usable memory (the plan's target
 # error is 10%), unless nothing else fits.

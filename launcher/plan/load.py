@@ -18,7 +18,7 @@ import math
 from omegaconf import DictConfig
 
 from launcher.config.topology import Topology
-from launcher.plan.memory import precision_bytes
+from launcher.plan.model_states import precision_bytes
 from launcher.plan.params import ModelShape, count_params
 
 

@@ -20,10 +20,8 @@ from omegaconf import DictConfig
 from launcher.config.topology import Topology
 from launcher.plan import lora
 from launcher.plan.activations import activation_terms, attention_layout, checkpointed_layers
-from launcher.plan.model_states import Precision, Setup, model_state_terms, precision_bytes
+from launcher.plan.model_states import Setup, model_state_terms, precision_bytes
 from launcher.plan.params import ModelShape, count_params
-
-__all__ = ["GIB", "MemoryBreakdown", "Precision", "Setup", "estimate_memory", "model_state_terms", "precision_bytes"]
 
 GIB = 1024**3
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from launcher.config.topology import Topology
 from launcher.plan import lora
 from launcher.plan.activations import checkpointed_layers
-from launcher.plan.memory import Setup, precision_bytes
+from launcher.plan.model_states import Setup, precision_bytes
 from launcher.plan.params import ModelShape, count_params, flops_per_token, mfu
 
 # Fraction of dense peak that the matmul-bound compute reaches (torchtitan reports 57% MFU for

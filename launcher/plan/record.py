@@ -8,7 +8,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from launcher.config.topology import Topology, batch_shape
-from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, Setup, estimate_memory
+from launcher.plan.memory import CUDA_CONTEXT_RESERVE_GIB, GIB, estimate_memory
+from launcher.plan.model_states import Setup
 
 
 def run_plan(cfg: DictConfig, topo: Topology) -> dict[str, Any]:
